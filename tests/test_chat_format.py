@@ -1,0 +1,55 @@
+"""The base model's chat template is profiled and refused when it would lose the persona."""
+import pytest
+
+from voicetune.chat_format import (ChatTemplateError, check_rendered, end_of_turn_token,
+                                   messages_for, profile_template, render)
+
+from .conftest import SHARED
+
+# The shape of the early Phi-3 template: it renders user and assistant turns only.
+DROPS_SYSTEM = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{'<|im_start|>user\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture
+def restore_template(tokenizer):
+    original = tokenizer.chat_template
+    yield tokenizer
+    tokenizer.chat_template = original
+
+
+def test_chatml_profile(tokenizer):
+    profile = profile_template(tokenizer)
+    assert profile.markers == ("<|im_start|>", "<|im_end|>") * 3
+    assert profile.end_of_turn == "<|im_end|>" == end_of_turn_token(tokenizer)
+
+
+def test_faithful_rendering_passes_and_a_lost_system_prompt_fails(tokenizer):
+    profile = profile_template(tokenizer)
+    msgs = messages_for("You are Tilly.", "Why reef early?", "Because later is too late.")
+    assert check_rendered(render(tokenizer, msgs), msgs, profile) is None
+    text = render(tokenizer, msgs).replace("You are Tilly.", "You are a helpful assistant.")
+    assert "system text does not survive" in check_rendered(text, msgs, profile)
+    text = render(tokenizer, msgs).replace("<|im_end|>", "", 1)
+    assert "role markers" in check_rendered(text, msgs, profile)
+
+
+def test_template_that_drops_the_system_message_is_refused(restore_template):
+    restore_template.chat_template = DROPS_SYSTEM
+    with pytest.raises(ChatTemplateError, match="drops the system message.*model.chat_template"):
+        profile_template(restore_template)
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers/phi-3/ggml-vocab-phi-3.gguf").exists(),
+                    reason="needs ../shared (developer machines and CI)")
+def test_real_phi3_vocab_template_is_refused(restore_template):
+    import gguf
+
+    reader = gguf.GGUFReader(str(SHARED / "tokenizers/phi-3/ggml-vocab-phi-3.gguf"))
+    restore_template.chat_template = reader.fields["tokenizer.chat_template"].contents()
+    with pytest.raises(ChatTemplateError, match="drops the system message"):
+        profile_template(restore_template)

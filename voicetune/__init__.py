@@ -1,0 +1,5 @@
+"""voicetune: fine-tune an instruct LLM on one person's writing (MLX LoRA + DVC).
+
+Each module holds one idea; the scripts in ``stages/`` are thin wrappers that read
+``params.yaml``, call into this package and write their outputs atomically.
+"""
