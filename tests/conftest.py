@@ -46,3 +46,30 @@ def run_stage(script: str, *args: str, cwd: Path = ROOT) -> subprocess.Completed
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=cwd,
                           env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(base_model_dir, tmp_path_factory) -> Path:
+    """A 2-layer random Llama with the embedded model's real tokenizer: trains in ms."""
+    from voicetune.random_model import make_random_model
+
+    return make_random_model(base_model_dir, tmp_path_factory.mktemp("tiny"), hidden_size=64,
+                             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2)
+
+
+PERSONA = "You are Captain Tilly Brask."
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """train/valid/test.jsonl in mlx-lm's chat format: the 48 shortest exchanges of the
+    embedded sample dataset (a 49k-token vocabulary makes every token cost, even here)."""
+    out = tmp_path_factory.mktemp("data")
+    rows = [json.loads(line) for line in (ROOT / "data/sample/tilly_brask.jsonl").open()]
+    rows = sorted(rows, key=lambda r: len(json.dumps(r["conversation"][:2])))[:48]
+    chats = [{"messages": [{"role": "system", "content": PERSONA}, *row["conversation"][:2]]}
+             for row in rows]
+    for name, part in (("train", chats[:32]), ("valid", chats[32:40]), ("test", chats[40:])):
+        write_jsonl(out / f"{name}.jsonl", part)
+    return out

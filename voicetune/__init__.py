@@ -3,3 +3,8 @@
 Each module holds one idea; the scripts in ``stages/`` are thin wrappers that read
 ``params.yaml``, call into this package and write their outputs atomically.
 """
+
+# Before anything imports mlx: give MLX's CPU backend a real BLAS on Linux (see blas.py).
+from . import blas as _blas
+
+_blas.preload()

@@ -1,0 +1,120 @@
+"""Stage train: LoRA on models/base with data/processed -> models/adapters + metrics/train.json.
+
+    python stages/train.py                 # reads params.yaml (lora, train sections)
+
+Killed mid-run? Run it again (or `dvc repro`): it resumes from the last checkpoint in
+models/.train-checkpoint and ends with the same best adapter as an uninterrupted run.
+"""
+import argparse
+import math
+import shutil
+import sys
+import types
+from pathlib import Path
+
+from voicetune import blas
+from voicetune.files import atomic_dir, write_json_atomic
+from voicetune.lora import LoRAConfigError, apply_lora, parameter_counts
+from voicetune.params import load_params
+from voicetune.training import Checkpoint, TrainConfig, TrainingError, fingerprint, train
+
+import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
+from dvclive import Live  # noqa: E402
+from mlx_lm import load  # noqa: E402
+from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", default="models/base")
+    ap.add_argument("--data", default="data/processed")
+    ap.add_argument("--out", default="models/adapters")
+    ap.add_argument("--metrics", default="metrics/train.json")
+    ap.add_argument("--live-dir", default="dvclive/train")
+    ap.add_argument("--checkpoint", default="models/.train-checkpoint")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    lora_p, train_p = params["lora"], params["train"]
+    cfg = TrainConfig.from_params(train_p)
+
+    blas.check()
+    mx.random.seed(cfg.seed)  # LoRA's initial A matrices and dropout draw from this
+    model, tokenizer = load(args.model)
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)  # MLX's CPU backend is ~14x slower in bfloat16
+    adapter_config = apply_lora(model, lora_p["rank"], lora_p["scale"], lora_p["dropout"],
+                                lora_p["keys"], lora_p.get("num_layers", -1))
+    trainable, total = parameter_counts(model)
+    print(f"LoRA rank {lora_p['rank']} on {', '.join(lora_p['keys'])} in the last "
+          f"{adapter_config['num_layers']} layers: {trainable:,} trainable parameters "
+          f"({100 * trainable / total:.3f}% of {total:,})")
+
+    data_cfg = types.SimpleNamespace(mask_prompt=train_p.get("mask_prompt", True))
+    train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, data_cfg)
+    train_set, valid_set = CacheDataset(train_set), CacheDataset(valid_set)
+
+    checkpoint = Checkpoint(args.checkpoint, fingerprint(
+        lora_p, train_p, Path(args.data) / "train.jsonl", Path(args.data) / "valid.jsonl",
+        Path(args.model) / "config.json", (Path(args.model) / "model.safetensors").stat().st_size
+        if (Path(args.model) / "model.safetensors").exists() else None))
+
+    live = Live(args.live_dir, resume=False, save_dvc_exp=False, dvcyaml=False)
+
+    def log(record: dict) -> None:
+        live.step = record["step"]
+        for name, value in record.items():
+            if name != "step" and math.isfinite(value):
+                live.log_metric(name, value)
+
+    failure = None
+    with tqdm(total=cfg.iters, desc="train", unit="it", dynamic_ncols=True) as bar:
+        try:
+            result = train(model, train_set, valid_set, cfg, checkpoint, log=log, progress_bar=bar)
+        except TrainingError as err:
+            failure, result = err, None
+    live.end()
+
+    if not checkpoint.best_file.exists():
+        raise SystemExit(f"train: {failure}")
+    with atomic_dir(args.out) as out:
+        shutil.copyfile(checkpoint.best_file, out / "adapters.safetensors")
+        write_json_atomic(out / "adapter_config.json", {**adapter_config, "model": args.model})
+    if failure is not None:
+        # the best adapter so far is in args.out; the run itself failed
+        print(f"train: {failure}", file=sys.stderr)
+        return 1
+
+    summary = {
+        "best_val_loss": result.best_val_loss,
+        "best_val_perplexity": math.exp(result.best_val_loss),
+        "best_iteration": result.best_iteration,
+        "base_val_loss": result.base_val_loss,
+        "base_val_perplexity": math.exp(result.base_val_loss),
+        "stopped_at": result.stopped_at,
+        "stop_reason": result.stop_reason,
+        "resumed_from": result.resumed_from,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total,
+        "train_seconds": round(result.train_seconds, 1),
+        "seconds_per_iteration": result.train_seconds / max(1, result.stopped_at),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "peak_memory_gb": round(result.peak_memory_gb, 3),
+    }
+    write_json_atomic(args.metrics, summary)
+    checkpoint.remove()  # finished: nothing stale is left to resume
+    print(f"best val loss {result.best_val_loss:.4f} (ppl {summary['best_val_perplexity']:.2f}) at "
+          f"iteration {result.best_iteration}; base model {result.base_val_loss:.4f} "
+          f"(ppl {summary['base_val_perplexity']:.2f}). Stopped at {result.stopped_at}: "
+          f"{result.stop_reason}. {summary['seconds_per_iteration']:.2f} s/it, "
+          f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {summary['peak_memory_gb']:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except LoRAConfigError as err:
+        sys.exit(f"train: {err}")

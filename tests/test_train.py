@@ -1,0 +1,211 @@
+"""Training: LoRA targets, early stopping and the best adapter, crash-safe resume,
+non-finite losses, prompt masking. On a 2-layer random Llama with the real tokenizer."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm import load
+from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+
+from voicetune.lora import LoRAConfigError, apply_lora, linear_module_names, parameter_counts
+from voicetune.training import (Checkpoint, EarlyStopping, Progress, TrainConfig, TrainingError,
+                                collate, masked_loss, train, validation_loss)
+
+from .conftest import ROOT
+
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+
+
+def train_params(**train):
+    base = {"iters": 40, "batch_size": 2, "learning_rate": 3e-3, "optimizer": "adam",
+            "steps_per_eval": 10, "val_batches": -1, "steps_per_report": 5,
+            "grad_checkpoint": False, "max_seq_length": 512, "mask_prompt": True, "seed": 3,
+            "save_every": 10, "early_stopping": {"patience": 5, "min_delta": 0.001}}
+    base.update(train)
+    return {"lora": {"rank": 4, "scale": 20.0, "dropout": 0.1, "keys": ATTENTION, "num_layers": -1},
+            "train": base}
+
+
+def run_train(tmp_path, model_dir, data_dir, params, name="run", wait=True):
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", str(folder / "params.yaml"),
+           "--model", str(model_dir), "--data", str(data_dir), "--out", str(folder / "adapters"),
+           "--metrics", str(folder / "train.json"), "--live-dir", str(folder / "live"),
+           "--checkpoint", str(folder / "checkpoint")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if not wait:
+        return folder, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return folder, subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def datasets(model_dir, data_dir, mask_prompt=True):
+    model, tokenizer = load(str(model_dir))
+    train_set, valid_set, _ = load_local_dataset(
+        Path(data_dir), tokenizer, types.SimpleNamespace(mask_prompt=mask_prompt))
+    return model, tokenizer, CacheDataset(train_set), CacheDataset(valid_set)
+
+
+# ------------------------------------------------------------------ LoRA targets
+def test_bad_lora_key_fails_with_the_module_list(tiny_model_dir):
+    model, _ = load(str(tiny_model_dir))
+    with pytest.raises(LoRAConfigError) as err:
+        apply_lora(model, 4, 20.0, 0.0, ["self_attn.qkv_proj", "self_attn.o_proj"], -1)
+    text = str(err.value)
+    assert "['self_attn.qkv_proj']" in text
+    for name in ATTENTION + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:
+        assert name in text
+
+
+def test_lora_counts_and_layers(tiny_model_dir):
+    model, _ = load(str(tiny_model_dir))
+    assert linear_module_names(model, 2) == sorted(ATTENTION + ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"])
+    config = apply_lora(model, 4, 20.0, 0.0, ["self_attn.o_proj"], 1)
+    trainable, total = parameter_counts(model)
+    assert trainable == 4 * (64 + 64)  # one o_proj (64 -> 64) in the last layer, rank 4
+    assert config == {"fine_tune_type": "lora", "num_layers": 1,
+                      "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.o_proj"]}}
+    with pytest.raises(LoRAConfigError, match="num_layers=3"):
+        apply_lora(load(str(tiny_model_dir))[0], 4, 20.0, 0.0, ["self_attn.o_proj"], 3)
+
+
+# ------------------------------------------------------------------ early stopping
+def test_early_stopping_rule():
+    stop = EarlyStopping(patience=2, min_delta=0.1)
+    assert stop.update(3.0, 0) and not stop.should_stop
+    assert stop.update(2.95, 10)  # a new best, but not by min_delta: patience runs on
+    assert stop.bad_evals == 1 and stop.best_iter == 10
+    assert not stop.update(3.5, 20) and stop.should_stop
+    assert (stop.best_loss, stop.best_iter) == (2.95, 10)
+
+
+def test_early_stop_keeps_the_best_adapter(tmp_path, tiny_model_dir, tiny_data_dir):
+    # a random model at lr 3e-3: validation loss falls, then wobbles up; early stopping must
+    # fire and the adapter kept must be the best one, not the last
+    params = train_params(iters=200, steps_per_eval=5, early_stopping={"patience": 2, "min_delta": 0.0})
+    folder, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((folder / "train.json").read_text())
+    assert summary["stop_reason"] == "early_stop" and summary["stopped_at"] < 200
+    assert summary["stopped_at"] == summary["best_iteration"] + 2 * 5
+    assert not (folder / "checkpoint").exists()
+
+    model, _, _, valid_set = datasets(tiny_model_dir, tiny_data_dir)
+    from mlx_lm.tuner.utils import load_adapters
+
+    load_adapters(model, str(folder / "adapters"))
+    model.eval()
+    again = validation_loss(model, valid_set, 2, 512)
+    assert again == pytest.approx(summary["best_val_loss"], abs=1e-5)
+    assert summary["best_val_loss"] < summary["base_val_loss"]
+    vals = [float(line.split("\t")[-1]) for line in
+            (folder / "live/plots/metrics/val_loss.tsv").read_text().splitlines()[1:]]
+    assert min(vals) == pytest.approx(summary["best_val_loss"]) and vals[-1] > min(vals)
+
+
+# ------------------------------------------------------------------ crash safety
+def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, tiny_model_dir, tiny_data_dir):
+    params = train_params(iters=40, save_every=5)
+    reference, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "reference")
+    assert result.returncode == 0, result.stderr
+
+    folder, proc = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "killed", wait=False)
+    progress = folder / "checkpoint/progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and json.loads(progress.read_text())["progress"]["iteration"] >= 15:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(progress.read_text())["progress"]["iteration"]
+    assert 15 <= killed_at < 40 and not (folder / "adapters").exists()
+
+    _, resumed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((folder / "train.json").read_text())
+    expected = json.loads((reference / "train.json").read_text())
+    assert summary["resumed_from"] >= 15
+    for key in ("best_val_loss", "best_iteration", "base_val_loss", "stopped_at", "stop_reason"):
+        assert summary[key] == expected[key], key
+    # CPU arithmetic is deterministic and the state is restored exactly: same bytes
+    assert (folder / "adapters/adapters.safetensors").read_bytes() == \
+        (reference / "adapters/adapters.safetensors").read_bytes()
+    assert (folder / "live/plots/metrics/val_loss.tsv").read_text().count("\n") == \
+        (reference / "live/plots/metrics/val_loss.tsv").read_text().count("\n")
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
+    Checkpoint(tmp_path, "params-A").save(Progress(iteration=7), {"model.w": mx.array([1, 2])})
+    assert Checkpoint(tmp_path, "params-A").load()[0].iteration == 7
+    assert Checkpoint(tmp_path, "params-B").load() is None
+    assert not tmp_path.exists() and "other params" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ non-finite loss
+def test_non_finite_loss_stops_cleanly_and_keeps_the_best(tmp_path, tiny_model_dir, tiny_data_dir):
+    model, _, train_set, valid_set = datasets(tiny_model_dir, tiny_data_dir)
+    mx.random.seed(0)
+    apply_lora(model, 4, 20.0, 0.0, ATTENTION, -1)
+    cfg = TrainConfig(iters=30, batch_size=2, learning_rate=1e-3, steps_per_eval=4,
+                      steps_per_report=6, save_every=4)
+    checkpoint = Checkpoint(tmp_path / "ckpt", "fp")
+
+    def poison(record):  # fault injection: after step 6 a LoRA weight turns NaN
+        if record["step"] == 6 and "train_loss" in record:
+            lora_a = model.layers[0].self_attn.q_proj.lora_a
+            model.layers[0].self_attn.q_proj.lora_a = lora_a * math.nan
+
+    with pytest.raises(TrainingError, match=r"training loss is nan at iteration 7.*best adapter so "
+                                            r"far \(iteration 4"):
+        train(model, train_set, valid_set, cfg, checkpoint, log=poison)
+    best = mx.load(str(checkpoint.best_file))
+    assert best and all(mx.isfinite(w).all().item() for w in best.values())
+
+
+# ------------------------------------------------------------------ prompt masking
+def test_prompt_masking_counts_only_the_assistant_tokens(tiny_model_dir, tiny_data_dir):
+    model, tokenizer, train_set, _ = datasets(tiny_model_dir, tiny_data_dir)
+    messages = [json.loads(line)["messages"] for line in (tiny_data_dir / "train.jsonl").open()][:4]
+    tokens, lengths = collate(train_set, [0, 1, 2, 3], 512)
+    loss, ntoks = masked_loss(model, tokens, lengths)
+
+    prompt_lens = [len(tokenizer.apply_chat_template(m[:2], add_generation_prompt=True, return_dict=False))
+                   for m in messages]
+    full_lens = [len(tokenizer.apply_chat_template(m, return_dict=False)) for m in messages]
+    assert ntoks.item() == sum(f - p for f, p in zip(full_lens, prompt_lens))
+
+    # the same loss by hand: cross-entropy over assistant tokens only
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, tokens[:, 1:])
+    manual = sum(ce[i, p - 1:f - 1].sum().item() for i, (p, f) in enumerate(zip(prompt_lens, full_lens)))
+    assert loss.item() == pytest.approx(manual / ntoks.item(), rel=1e-5)
+
+    _, _, unmasked, _ = datasets(tiny_model_dir, tiny_data_dir, mask_prompt=False)
+    _, all_toks = masked_loss(model, *collate(unmasked, [0, 1, 2, 3], 512))
+    assert all_toks.item() == sum(f - 1 for f in full_lens)  # every target but the first token
+
+
+def test_trained_adapter_loads_in_mlx_lm(tmp_path, tiny_model_dir, tiny_data_dir):
+    folder, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, train_params(iters=6, steps_per_eval=3))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((folder / "adapters/adapter_config.json").read_text())
+    assert config["lora_parameters"]["keys"] == ATTENTION and config["num_layers"] == 2
+    model, tokenizer = load(str(tiny_model_dir), adapter_path=str(folder / "adapters"))
+    summary = json.loads((folder / "train.json").read_text())
+    # rank 4 on q (64->64), k and v (64->32: 2 kv heads of 16), o (64->64), in 2 layers
+    assert summary["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))
+    assert summary["stop_reason"] == "iters_done" and summary["stopped_at"] == 6
