@@ -8,6 +8,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# mlx[cpu] gets a real BLAS from cmeel-openblas, which needs the system libgfortran5
+	@if [ "$$(uname -s)" = Linux ] && ! ldconfig -p | grep -q 'libgfortran.so.5 '; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgfortran5; \
+	  else \
+	    echo "NOTE: install libgfortran5 (sudo apt-get install libgfortran5) or MLX runs ~20x slower"; \
+	  fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

@@ -139,3 +139,17 @@ def test_seed_blog_dataset_splits_like_the_seed():
     kept, _ = drop_duplicate_questions(exchanges)
     parts = split(kept, seed=42, valid_ratio=0.1, test_ratio=0.1)
     assert {k: len(v) for k, v in parts.items()} == {"train": 1705, "valid": 212, "test": 212}
+
+
+def test_hub_dataset_needs_a_revision_and_fails_fast_offline(tmp_path, monkeypatch):
+    from voicetune.dataset import download_hub_dataset
+
+    with pytest.raises(DataError, match="needs data.hub_revision pinned"):
+        download_hub_dataset("didierlopes/my-blog-qa-dataset", None, tmp_path)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="could not download dataset 'didierlopes/my-blog-qa-dataset'.*"
+                                        "set data.source to the local"):
+        download_hub_dataset("didierlopes/my-blog-qa-dataset", "main", tmp_path)

@@ -1,6 +1,7 @@
 """`dvc repro` on the real dvc.yaml in a scratch copy of the project: runs, caches, reruns
 only what a param change touches. (Stages past prepare train the embedded model for many
 minutes: for them the test asks `dvc repro --dry` what would run.)"""
+import json
 import os
 import shutil
 import subprocess
@@ -29,8 +30,16 @@ def project(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("project") / "repo"
     shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
     (dest / "dvc.lock").unlink(missing_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    git_init(dest)
     return dest
+
+
+def git_init(project: Path) -> None:
+    """A repository with one commit, as a clone is (DVCLive refuses an empty one)."""
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=project, check=True, env=env)
 
 
 def set_param(project: Path, section: str, key: str, value) -> None:
@@ -64,3 +73,56 @@ def test_lora_change_reruns_train_but_not_prepare(project):
     dry = dvc(project, "repro", "--dry").stdout
     assert "Running stage 'train'" in dry
     assert "Running stage 'prepare'" not in dry and "Running stage 'base_model'" not in dry
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, tiny_model_dir) -> Path:
+    """The project configured to run every stage in about a minute: a 2-layer random Llama
+    (as a local model folder), 60 exchanges, a few iterations, short answers."""
+    dest = tmp_path_factory.mktemp("tiny_project") / "repo"
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    lines = (ROOT / "data/sample/tilly_brask.jsonl").read_text().splitlines()
+    (dest / "data/sample/small.jsonl").write_text("\n".join(sorted(lines, key=len)[:60]) + "\n")
+    git_init(dest)
+    set_param(dest, "model", "source", str(tiny_model_dir))
+    set_param(dest, "data", "source", "data/sample/small.jsonl")
+    for key, value in {"iters": 6, "steps_per_eval": 3, "save_every": 3, "batch_size": 2,
+                       "learning_rate": 3e-3}.items():
+        set_param(dest, "train", key, value)
+    set_param(dest, "eval", "max_tokens", 8)
+    set_param(dest, "eval", "limit", 4)
+    set_param(dest, "fuse", "verify_prompts", 2)
+    set_param(dest, "fuse", "verify_max_tokens", 4)
+    return dest
+
+
+def test_full_pipeline_on_a_tiny_model(tiny_project):
+    dvc(tiny_project, "repro")
+    report = (tiny_project / "metrics/report.md").read_text()
+    assert "| base |" in report and "| lora |" in report and "| fused |" in report
+    for name in ("loss", "overlap", "lengths"):
+        assert (tiny_project / f"metrics/plots/{name}.png").stat().st_size > 1000
+    compare = json.loads((tiny_project / "metrics/compare.json").read_text())
+    assert set(compare) == {"lora_vs_base", "fused_vs_base", "fused_vs_lora"}
+    fused = json.loads((tiny_project / "metrics/fuse.json").read_text())
+    assert fused["ok"] and fused["greedy_answers_identical"] == 2
+    lora = json.loads((tiny_project / "metrics/eval_lora.json").read_text())
+    assert lora["n"] == 4 and lora["temperature"] == 0.0 and lora["hit_token_limit"] <= 4
+    shown = json.loads(dvc(tiny_project, "metrics", "show", "--json").stdout)
+    assert "metrics/eval_fused.json" in json.dumps(shown)
+
+    # changing only eval.* reruns evaluate and report, not train or fuse
+    set_param(tiny_project, "eval", "max_tokens", 6)
+    rerun = dvc(tiny_project, "repro").stdout
+    assert all(f"Running stage 'evaluate@{m}'" in rerun for m in ("base", "lora", "fused"))
+    assert "Running stage 'report'" in rerun
+    assert "Running stage 'train'" not in rerun and "Running stage 'fuse'" not in rerun
+
+    # the evaluation is deterministic: forced reruns give identical predictions and metrics
+    set_param(tiny_project, "eval", "max_tokens", 8)
+    dvc(tiny_project, "repro")
+    before = {p: (tiny_project / p).read_bytes() for p in ("data/eval/lora.jsonl", "metrics/eval_lora.json")}
+    dvc(tiny_project, "repro", "-f", "-s", "evaluate@lora")
+    after = {p: (tiny_project / p).read_bytes() for p in before}
+    assert after == before

@@ -1,0 +1,84 @@
+"""Stage evaluate@<model>: answer every held-out question with one model and score it.
+
+    python stages/evaluate.py --model base     # models/base
+    python stages/evaluate.py --model lora     # models/base + models/adapters at run time
+    python stages/evaluate.py --model fused    # models/fused
+
+Writes data/eval/<model>.jsonl (prompt, question, reference, prediction, tokens,
+finish_reason) and metrics/eval_<model>.json. Greedy by default; eval.temperature > 0
+samples with eval.seed, so two runs give the same answers either way.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from voicetune import blas  # noqa: F401  (fast BLAS before mlx)
+from voicetune.files import write_json_atomic, write_text_atomic
+from voicetune.fusion import load_float32
+from voicetune.generation import generate_batched, prompt_tokens
+from voicetune.metrics import score
+from voicetune.params import load_params
+from voicetune.training import validation_loss
+
+from mlx_lm.tuner.datasets import CacheDataset, ChatDataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+MODELS = {"base": ("models/base", None), "lora": ("models/base", "models/adapters"),
+          "fused": ("models/fused", None)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), required=True)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--test", default="data/processed/test.jsonl")
+    ap.add_argument("--out", default=None, help="predictions JSONL (default data/eval/<model>.jsonl)")
+    ap.add_argument("--metrics", default=None, help="default metrics/eval_<model>.json")
+    args = ap.parse_args()
+    p = load_params(args.params)["eval"]
+    out = Path(args.out or f"data/eval/{args.model}.jsonl")
+    metrics_path = Path(args.metrics or f"metrics/eval_{args.model}.json")
+
+    weights, adapters = MODELS[args.model]
+    model, tokenizer, _ = load_float32(weights, adapters)
+    rows = [json.loads(line) for line in open(args.test, encoding="utf-8")]
+    if p.get("limit"):
+        rows = rows[: p["limit"]]
+    prompts = [prompt_tokens(tokenizer, row["messages"]) for row in rows]
+
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc=f"generate ({args.model})", unit="answer") as bar:
+        answers = generate_batched(model, tokenizer, prompts, p["max_tokens"], p["temperature"],
+                                   p["seed"], p["batch_size"], progress=bar.update)
+    seconds = time.perf_counter() - start
+
+    # perplexity of the reference answers, teacher-forced, assistant tokens only
+    test_set = CacheDataset(ChatDataset([{"messages": r["messages"]} for r in rows], tokenizer,
+                                        mask_prompt=True))
+    loss = validation_loss(model, test_set, batch_size=1, max_seq_length=4096)
+
+    records = [{"prompt": tokenizer.decode(prompt), "question": row["messages"][-2]["content"],
+                "reference": row["messages"][-1]["content"], **answer}
+               for prompt, row, answer in zip(prompts, rows, answers)]
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    summary, _ = score(records)
+    summary.update({
+        "reference_loss": loss, "reference_perplexity": math.exp(loss),
+        "temperature": p["temperature"], "seed": p["seed"] if p["temperature"] > 0 else None,
+        "max_tokens": p["max_tokens"], "generated_tokens": sum(a["tokens"] for a in answers),
+    })  # no timings here: two runs must give identical metrics (speed: make bench)
+    write_json_atomic(metrics_path, summary)
+    print(f"{args.model}: word overlap {summary['word_overlap']['mean']:.4f} ± "
+          f"{summary['word_overlap']['std']:.4f}, ROUGE-L {summary['rouge_l']['mean']:.4f}, "
+          f"answers {summary['prediction_chars']['mean']:.0f} ± {summary['prediction_chars']['std']:.0f} "
+          f"chars (references {summary['reference_chars']['mean']:.0f}), reference perplexity "
+          f"{summary['reference_perplexity']:.2f}; {summary['hit_token_limit']}/{len(rows)} hit "
+          f"{p['max_tokens']} tokens; {summary['generated_tokens'] / seconds:.1f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Stage report: data/eval/*.jsonl + metrics -> metrics/report.md, metrics/compare.json, plots.
+
+    python stages/report.py                # reads params.yaml (eval section)
+"""
+import argparse
+import json
+from pathlib import Path
+
+from voicetune import report
+from voicetune.files import write_json_atomic, write_text_atomic
+from voicetune.metrics import read_predictions
+from voicetune.params import load_params
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--models", nargs="+", default=["base", "lora", "fused"])
+    args = ap.parse_args()
+    p = load_params(args.params)["eval"]
+
+    runs = {name: read_predictions(Path(f"data/eval/{name}.jsonl")) for name in args.models}
+    summaries = {name: read_json(Path(f"metrics/eval_{name}.json")) for name in args.models}
+    values = report.per_question(runs)
+    comps = report.comparisons(values, seed=p["seed"])
+    plots = report.plot_all(values, runs, Path("dvclive/train"), Path("metrics/plots"))
+    text = report.markdown(summaries, comps, read_json(Path("metrics/train.json")),
+                           read_json(Path("metrics/fuse.json")), runs, p["report_examples"],
+                           p["seed"], [f"plots/{f.name}" for f in plots])
+    write_json_atomic("metrics/compare.json", comps)
+    write_text_atomic("metrics/report.md", text)
+    for pair, metrics in comps.items():
+        print(f"{pair}: word overlap {report.format_comparison(metrics['word_overlap'])}")
+    print("report: metrics/report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The comparison report: base vs LoRA vs fused on the held-out questions.
+
+Everything here is computed from the evaluate stages' predictions, paired per question, with
+seeded bootstrap confidence intervals, so the report says how sure it is.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import compare, score
+
+PAIRS = (("lora", "base"), ("fused", "base"), ("fused", "lora"))
+
+
+def per_question(runs: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """Per-question word overlap, ROUGE-L and length gap (|answer - reference| characters)."""
+    out = {}
+    for name, rows in runs.items():
+        _, values = score(rows)
+        values["length_gap"] = [abs(len(r["prediction"]) - len(r["reference"])) for r in rows]
+        out[name] = values
+    questions = {name: [r.get("question", r.get("prompt")) for r in rows] for name, rows in runs.items()}
+    first = next(iter(questions.values()))
+    if any(q != first for q in questions.values()):
+        raise ValueError("the evaluated runs did not answer the same questions in the same order")
+    return out
+
+
+def comparisons(values: dict[str, dict[str, list[float]]], seed: int) -> dict:
+    result = {}
+    for new, old in PAIRS:
+        if new in values and old in values:
+            result[f"{new}_vs_{old}"] = {
+                metric: compare(values[new][metric], values[old][metric], seed)
+                for metric in ("word_overlap", "rouge_l")
+            }
+            # lower is better for the length gap: compare its negation
+            gap = compare([-x for x in values[new]["length_gap"]],
+                          [-x for x in values[old]["length_gap"]], seed)
+            result[f"{new}_vs_{old}"]["length_gap_reduction"] = gap
+    return result
+
+
+def format_comparison(c: dict, pct: bool = True) -> str:
+    rel = f"{100 * c['relative_improvement']:+.1f}% " if pct and c["relative_improvement"] is not None else ""
+    return (f"{rel}({c['mean_difference']:+.4f}, 95% CI {c['ci95_low']:+.4f} … "
+            f"{c['ci95_high']:+.4f}; W/T/L {c['wins']}/{c['ties']}/{c['losses']})")
+
+
+def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
+             runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str]) -> str:
+    share = train.get("trainable_share")
+    lines = ["# Base vs fine-tuned vs fused: held-out evaluation", "",
+             f"{summaries['base']['n']} test questions, "
+             + (f"sampling at temperature {summaries['base']['temperature']} (seed {summaries['base']['seed']})"
+                if summaries["base"]["temperature"] > 0 else "greedy decoding")
+             + f", at most {summaries['base']['max_tokens']} new tokens. Confidence intervals: "
+             f"seeded paired bootstrap (seed {seed}, 10,000 resamples) of the per-question difference.", "",
+             "| model | mean overlap | std | range | ROUGE-L | answer chars | reference chars "
+             "| ref. perplexity | hit token limit | overlap vs base |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        o, p, r = s["word_overlap"], s["prediction_chars"], s["reference_chars"]
+        vs = comps.get(f"{name}_vs_base", {}).get("word_overlap")
+        lines.append(
+            f"| {name} | {o['mean']:.4f} | {o['std']:.4f} | {o['min']:.4f}–{o['max']:.4f} "
+            f"| {s['rouge_l']['mean']:.4f} | {p['mean']:.0f} ± {p['std']:.0f} | {r['mean']:.0f} ± {r['std']:.0f} "
+            f"| {s['reference_perplexity']:.2f} | {s['hit_token_limit']}/{s['n']} "
+            f"| {format_comparison(vs) if vs else '—'} |")
+    lines += ["", "## Comparisons", ""]
+    for pair, metrics in comps.items():
+        lines.append(f"- **{pair.replace('_vs_', ' vs ')}**: word overlap {format_comparison(metrics['word_overlap'])}; "
+                     f"ROUGE-L {format_comparison(metrics['rouge_l'])}; length gap to the reference "
+                     f"{-metrics['length_gap_reduction']['mean_difference']:+.1f} chars "
+                     f"(95% CI {-metrics['length_gap_reduction']['ci95_high']:+.1f} … "
+                     f"{-metrics['length_gap_reduction']['ci95_low']:+.1f})")
+    if share is not None:
+        lines += ["", f"Parameter efficiency: {train['trainable_parameters']:,} trainable parameters, "
+                  f"{100 * share:.3f}% of {train['total_parameters']:,}. Best validation loss "
+                  f"{train['best_val_loss']:.4f} at iteration {train['best_iteration']} (base "
+                  f"{train['base_val_loss']:.4f}); training stopped at {train['stopped_at']} "
+                  f"({train['stop_reason']})."]
+    if fuse:
+        lines += ["", f"Fusion check on {fuse['prompts']} prompts: max |logit| difference fused vs "
+                  f"base+adapters {fuse['max_abs_logit_diff_fused_vs_lora']:.2e} (tolerance "
+                  f"{fuse['tolerance']:.0e}), fused vs base {fuse['max_abs_logit_diff_fused_vs_base']:.2e}; "
+                  f"greedy answers identical {fuse['greedy_answers_identical']}/{fuse['prompts']}."]
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += ["", "## Examples", ""]
+    picks = np.random.default_rng(seed).choice(len(runs["base"]), size=min(examples, len(runs["base"])),
+                                               replace=False)
+    for i in sorted(int(x) for x in picks):
+        lines += [f"### {runs['base'][i].get('question', '')}", "",
+                  f"*Reference:* {runs['base'][i]['reference']}", ""]
+        for name, rows in runs.items():
+            lines += [f"*{name}:* {rows[i]['prediction'].strip()}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _read_tsv(path: Path, column: str) -> tuple[list[float], list[float]]:
+    if not path.exists():
+        return [], []
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [float(r["step"]) for r in rows], [float(r[column]) for r in rows]
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: stable bytes
+    plt.close(fig)
+
+
+def plot_all(values: dict[str, dict[str, list[float]]], runs: dict[str, list[dict]],
+             live_dir: Path, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, label in (("train_loss", "train"), ("val_loss", "validation")):
+        steps, vals = _read_tsv(live_dir / "plots/metrics" / f"{name}.tsv", name)
+        ax.plot(steps, vals, marker="o" if label == "validation" else None, label=label)
+    ax.set(xlabel="iteration", ylabel="loss (assistant tokens)", title="Training and validation loss")
+    ax.legend()
+    files.append(out_dir / "loss.png")
+    _save(fig, files[-1])
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot([values[n]["word_overlap"] for n in values], showmeans=True)
+    ax.set_xticks(range(1, len(values) + 1), list(values))
+    ax.set(ylabel="word overlap with the reference (Jaccard)", title="Per-question word overlap")
+    files.append(out_dir / "overlap.png")
+    _save(fig, files[-1])
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lengths = {"reference": [len(r["reference"]) for r in next(iter(runs.values()))]}
+    lengths.update({n: [len(r["prediction"]) for r in rows] for n, rows in runs.items()})
+    ax.boxplot(list(lengths.values()), showmeans=True)
+    ax.set_xticks(range(1, len(lengths) + 1), list(lengths))
+    ax.set(ylabel="answer length (characters)", title="Answer lengths vs the reference")
+    files.append(out_dir / "lengths.png")
+    _save(fig, files[-1])
+    return files
