@@ -52,7 +52,8 @@ def main() -> int:
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc=f"generate ({args.model})", unit="answer") as bar:
         answers = generate_batched(model, tokenizer, prompts, p["max_tokens"], p["temperature"],
-                                   p["seed"], p["batch_size"], progress=bar.update)
+                                   p["seed"], p["batch_size"], p.get("repetition_penalty"),
+                                   progress=bar.update)
     seconds = time.perf_counter() - start
 
     # perplexity of the reference answers, teacher-forced, assistant tokens only
@@ -68,8 +69,9 @@ def main() -> int:
     summary.update({
         "reference_loss": loss, "reference_perplexity": math.exp(loss),
         "temperature": p["temperature"], "seed": p["seed"] if p["temperature"] > 0 else None,
+        "repetition_penalty": p.get("repetition_penalty"),
         "max_tokens": p["max_tokens"], "generated_tokens": sum(a["tokens"] for a in answers),
-    })  # no timings here: two runs must give identical metrics (speed: make bench)
+    })  # no timings here: two runs must give identical metrics (speed: python -m voicetune.bench_generation)
     write_json_atomic(metrics_path, summary)
     print(f"{args.model}: word overlap {summary['word_overlap']['mean']:.4f} ± "
           f"{summary['word_overlap']['std']:.4f}, ROUGE-L {summary['rouge_l']['mean']:.4f}, "

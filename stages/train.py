@@ -55,10 +55,10 @@ def main() -> int:
     train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, data_cfg)
     train_set, valid_set = CacheDataset(train_set), CacheDataset(valid_set)
 
+    weights = [(f.name, f.stat().st_size) for f in sorted(Path(args.model).glob("*.safetensors"))]
     checkpoint = Checkpoint(args.checkpoint, fingerprint(
-        lora_p, train_p, Path(args.data) / "train.jsonl", Path(args.data) / "valid.jsonl",
-        Path(args.model) / "config.json", (Path(args.model) / "model.safetensors").stat().st_size
-        if (Path(args.model) / "model.safetensors").exists() else None))
+        lora_p, train_p, weights, Path(args.model) / "config.json",
+        Path(args.data) / "train.jsonl", Path(args.data) / "valid.jsonl"))
 
     live = Live(args.live_dir, resume=False, save_dvc_exp=False, dvcyaml=False)
 

@@ -40,6 +40,9 @@ def test_generation_is_deterministic_and_seeded(tiny_model_dir):
     sampled = generate_batched(model, tokenizer, prompts, max_tokens=12, temperature=1.0, seed=5)
     assert sampled == generate_batched(model, tokenizer, prompts, max_tokens=12, temperature=1.0, seed=5)
     assert sampled != generate_batched(model, tokenizer, prompts, max_tokens=12, temperature=1.0, seed=6)
+    penalized = generate_batched(model, tokenizer, prompts, max_tokens=12, repetition_penalty=1.5)
+    assert penalized == generate_batched(model, tokenizer, prompts, max_tokens=12, repetition_penalty=1.5)
+    assert penalized != greedy
 
 
 def write_adapters(model_dir, out, scale_b: float):

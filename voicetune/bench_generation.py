@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repetition-penalty", type=float, default=1.2, help="as eval.repetition_penalty")
     args = ap.parse_args(argv)
     blas.check()
     model, tokenizer, _ = load_float32(args.model, args.adapters)
@@ -33,10 +34,11 @@ def main(argv=None) -> None:
     generate_batched(model, tokenizer, prompts[:2], 4)  # warm-up
     times = {"sequential": [], "batched": []}
     for _ in range(args.repeats):
-        seq, t = timed(generate_sequential, model, tokenizer, prompts, args.max_tokens)
+        seq, t = timed(generate_sequential, model, tokenizer, prompts, args.max_tokens,
+                       repetition_penalty=args.repetition_penalty)
         times["sequential"].append(t)
         bat, t = timed(generate_batched, model, tokenizer, prompts, args.max_tokens,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, repetition_penalty=args.repetition_penalty)
         times["batched"].append(t)
     tokens = {"sequential": sum(a["tokens"] for a in seq), "batched": sum(a["tokens"] for a in bat)}
     for way in times:

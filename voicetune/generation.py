@@ -11,7 +11,7 @@ from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 
 def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
@@ -26,13 +26,20 @@ def _sampler(temperature: float, seed: int | None):
     return make_sampler(temp=temperature)
 
 
+def _processors(repetition_penalty: float | None):
+    # small models decode greedily into loops; a mild penalty on the last 20 tokens curbs them
+    return make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
+
+
 def generate_batched(model, tokenizer, prompts: list[list[int]], max_tokens: int,
                      temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
+                     repetition_penalty: float | None = None,
                      progress: Callable[[int], None] | None = None) -> list[dict]:
     """Answers for all prompts with mlx-lm's continuous-batching generator."""
     gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                          sampler=_sampler(temperature, seed), completion_batch_size=batch_size,
-                         prefill_batch_size=min(batch_size, 8))
+                         prefill_batch_size=min(batch_size, 8),
+                         logits_processors=_processors(repetition_penalty))
     uids = gen.insert(prompts, [max_tokens] * len(prompts))
     tokens = {uid: [] for uid in uids}
     finish = {}
@@ -51,13 +58,16 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], max_tokens: int
 
 def generate_sequential(model, tokenizer, prompts: list[list[int]], max_tokens: int,
                         temperature: float = 0.0, seed: int = 0,
+                        repetition_penalty: float | None = None,
                         progress: Callable[[int], None] | None = None) -> list[dict]:
     """One question at a time (the baseline the batched path is benchmarked against)."""
     sampler = _sampler(temperature, seed)
+    processors = _processors(repetition_penalty)
     out = []
     for prompt in prompts:
         tokens, reason = [], "length"
-        for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler):
+        for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+                                      logits_processors=processors):
             token = int(token)
             if token in tokenizer.eos_token_ids:
                 reason = "stop"

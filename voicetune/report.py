@@ -57,6 +57,8 @@ def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
              f"{summaries['base']['n']} test questions, "
              + (f"sampling at temperature {summaries['base']['temperature']} (seed {summaries['base']['seed']})"
                 if summaries["base"]["temperature"] > 0 else "greedy decoding")
+             + (f" with repetition penalty {summaries['base']['repetition_penalty']}"
+                if summaries["base"].get("repetition_penalty") else "")
              + f", at most {summaries['base']['max_tokens']} new tokens. Confidence intervals: "
              f"seeded paired bootstrap (seed {seed}, 10,000 resamples) of the per-question difference.", "",
              "| model | mean overlap | std | range | ROUGE-L | answer chars | reference chars "

@@ -257,7 +257,7 @@ class TrainResult:
     best_iteration: int
     base_val_loss: float
     stopped_at: int
-    stop_reason: str  # "early_stop" | "iters_done" | "non_finite_loss"
+    stop_reason: str  # "early_stop" | "iters_done" (a non-finite loss raises TrainingError)
     resumed_from: int
     history: list
     train_seconds: float
