@@ -3,7 +3,6 @@ import json
 import shutil
 
 import mlx.core as mx
-import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 

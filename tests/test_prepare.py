@@ -3,7 +3,6 @@ import hashlib
 import json
 import shutil
 
-import pytest
 import yaml
 
 from voicetune.base_model import override_chat_template
