@@ -1,0 +1,114 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from voicetune.recipe import RecipeError, apply, main
+
+from .conftest import ROOT
+
+RECIPES = ROOT / "recipes"
+
+
+@pytest.fixture
+def params(tmp_path):
+    path = tmp_path / "params.yaml"
+    shutil.copyfile(ROOT / "params.yaml", path)
+    return path
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_phi3_blog_changes_exactly_its_keys_and_keeps_comments(params):
+    before_text, before = params.read_text(), _flat(yaml.safe_load(params.read_text()))
+    changes = apply(RECIPES / "phi3-blog.yaml", params)
+    after = _flat(yaml.safe_load(params.read_text()))  # as the stages read it (PyYAML)
+    assert {k for k in before if before[k] != after[k]} == {name for name, _, _ in changes} == {
+        "model.source", "model.revision", "model.chat_template", "data.hub_dataset",
+        "data.hub_revision", "data.system_prompt", "lora.keys", "lora.num_layers",
+        "train.iters", "train.learning_rate", "train.steps_per_eval", "train.grad_checkpoint",
+        "eval.repetition_penalty"}
+    assert after["model.source"] == "microsoft/Phi-3-mini-4k-instruct"
+    assert len(after["model.revision"]) == 40
+    assert after["lora.keys"] == ["self_attn.qkv_proj", "self_attn.o_proj"]
+    assert after["train.learning_rate"] == 1.0e-5 and after["train.grad_checkpoint"] is True
+    assert after["data.system_prompt"].startswith("You are Didier, CEO of OpenBB. You write")
+    assert after["data.system_prompt"].endswith("the future of research workflows.")
+    comments = [line.split("#", 1)[1] for line in before_text.splitlines() if "#" in line]
+    text = params.read_text()
+    assert all(c in text for c in comments) and list(after) == list(before)  # and key order
+
+
+def test_as_published_adapts_o_proj_only(params):
+    apply(RECIPES / "phi3-blog.yaml", params)
+    assert [c[0] for c in apply(RECIPES / "phi3-blog-as-published.yaml", params)] == [
+        "lora.keys", "eval.temperature"]
+    assert yaml.safe_load(params.read_text())["lora"]["keys"] == ["self_attn.o_proj"]
+
+
+def test_smollm2_default_restores_the_original_file(params):
+    original = params.read_bytes()
+    assert apply(RECIPES / "smollm2-default.yaml", params) == []  # it is the shipped default
+    apply(RECIPES / "phi3-blog.yaml", params)
+    apply(RECIPES / "phi3-blog-as-published.yaml", params)
+    apply(RECIPES / "smollm2-default.yaml", params)
+    assert params.read_bytes() == original
+
+
+def test_smollm2_default_covers_every_key_the_recipes_set():
+    default = set(_flat(yaml.safe_load((RECIPES / "smollm2-default.yaml").read_text())))
+    for recipe in RECIPES.glob("*.yaml"):
+        assert set(_flat(yaml.safe_load(recipe.read_text()))) <= default, recipe.name
+
+
+def test_unknown_key_errors_and_leaves_the_file_alone(params, tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("lora:\n  rank: 8\n  rnak: 16\ntrain:\n  early_stopping:\n    patiense: 3\n")
+    original = params.read_bytes()
+    with pytest.raises(RecipeError) as err:
+        apply(recipe, params)
+    message = str(err.value)
+    assert "unknown key lora.rnak: lora has rank, scale, dropout, keys, num_layers" in message
+    assert "unknown key train.early_stopping.patiense" in message
+    assert params.read_bytes() == original
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lora: 16\n", "lora is a section"),
+    ("lora:\n  rank:\n    value: 16\n", "lora.rank is a value"),
+    ("train:\n  learning_rate: 2e-5\n", "1.0e-5"),  # YAML 1.2 float, YAML 1.1 string
+])
+def test_malformed_recipes_are_refused(params, tmp_path, text, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    original = params.read_bytes()
+    with pytest.raises(RecipeError, match=message):
+        apply(recipe, params)
+    assert params.read_bytes() == original
+
+
+def test_cli_prints_changes_and_errors(params, capsys):
+    assert main([str(RECIPES / "phi3-blog-as-published.yaml"), "--params", str(params)]) == 0
+    out = capsys.readouterr().out
+    assert "lora.keys: [self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, " \
+           "self_attn.o_proj] -> [self_attn.o_proj]" in out
+    assert "train.grad_checkpoint: false -> true" in out
+    assert main([str(RECIPES / "nope.yaml"), "--params", str(params)]) == 1
+    assert "available: phi3-blog" in capsys.readouterr().err
+
+
+def test_module_runs_as_a_command(params):
+    proc = subprocess.run([sys.executable, "-m", "voicetune.recipe",
+                           str(RECIPES / "smollm2-default.yaml"), "--params", str(params)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "nothing changed" in proc.stdout

@@ -1,0 +1,162 @@
+"""Apply a recipe (a partial params.yaml) to params.yaml, keeping its comments and order.
+
+    python -m voicetune.recipe recipes/phi3-blog.yaml      # or: make recipe R=phi3-blog
+
+A recipe uses params.yaml's own section/key names and sets only what it changes. Every key
+must already exist in params.yaml (a typo would otherwise be silently ignored by the stages);
+on any error nothing is written. Afterwards `dvc params diff` shows the change and
+`dvc repro` reruns what depends on it.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+from .files import write_text_atomic
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def _yaml() -> YAML:
+    """Round-trip YAML that writes params.yaml back byte for byte when nothing changes."""
+    rt = YAML()
+    rt.width = 4096  # never re-wrap long lines
+    # ruamel writes None as an empty value; params.yaml spells it `null`
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
+def _same(a, b) -> bool:
+    return a == b and isinstance(a, bool) == isinstance(b, bool)  # True == 1 in Python
+
+
+def _fresh(value, old):
+    """The recipe's value without the recipe file's comments; a list keeps params.yaml's
+    style (flow ``[a, b]`` or block)."""
+    if not isinstance(value, list):
+        return value
+    seq, like = CommentedSeq(value), old if isinstance(old, CommentedSeq) else value
+    if isinstance(like, CommentedSeq) and like.fa.flow_style():
+        seq.fa.set_flow_style()
+    return seq
+
+
+def merge(params: CommentedMap, recipe: dict) -> list[tuple[str, object, object]]:
+    """Deep-merge ``recipe`` into ``params`` in place; return (key path, old, new) per change.
+
+    Raises RecipeError listing every unknown key (with the valid ones) before changing anything.
+    """
+    errors = _check(params, recipe, "")
+    if errors:
+        raise RecipeError("\n".join(errors))
+    return _merge(params, recipe, "")
+
+
+def _merge(params: CommentedMap, recipe: dict, path: str) -> list[tuple[str, object, object]]:
+    changes = []
+    for key, new in recipe.items():
+        name, old = f"{path}{key}", params[key]
+        if isinstance(old, dict):
+            changes += _merge(old, new, f"{name}.")
+        elif not _same(old, new):
+            params[key] = _fresh(new, old)  # the key's comments live in params, so they stay
+            changes.append((name, old, new))
+    return changes
+
+
+def _check(params: dict, recipe, path: str) -> list[str]:
+    where = path.rstrip(".") or "params.yaml"
+    if not isinstance(recipe, dict):
+        return [f"{where} is a section: set its keys ({', '.join(params)}), not a value"]
+    errors = []
+    for key, new in recipe.items():
+        name = f"{path}{key}"
+        if key not in params:
+            errors.append(f"unknown key {name}: {where} has {', '.join(map(str, params))}")
+        elif isinstance(params[key], dict):
+            errors += _check(params[key], new, f"{name}.")
+        elif isinstance(new, dict):
+            errors.append(f"{name} is a value in params.yaml, not a section")
+    return errors
+
+
+def _mismatch(read, meant, path=""):
+    """First (key path, read, meant) where PyYAML's reading of the written file differs."""
+    if isinstance(meant, dict) and isinstance(read, dict):
+        for key in meant:
+            found = _mismatch(read.get(key), meant[key], f"{path}{key}.")
+            if found:
+                return found
+        return None
+    return None if _same(read, meant) else (path.rstrip("."), read, meant)
+
+
+def apply(recipe_path: str | Path, params_path: str | Path = "params.yaml"):
+    """Merge the recipe into params.yaml (atomically); return the list of changes."""
+    recipe_path, params_path = Path(recipe_path), Path(params_path)
+    if not recipe_path.is_file():
+        names = sorted(p.stem for p in recipe_path.parent.glob("*.yaml"))
+        raise RecipeError(f"no recipe {recipe_path}" + (f"; available: {', '.join(names)}"
+                                                         if names else ""))
+    rt = _yaml()
+    recipe = rt.load(recipe_path.read_text(encoding="utf-8"))
+    if not isinstance(recipe, dict) or not recipe:
+        raise RecipeError(f"{recipe_path}: expected a mapping of params.yaml sections")
+    params = rt.load(params_path.read_text(encoding="utf-8"))
+    try:
+        changes = merge(params, recipe)
+    except RecipeError as err:
+        raise RecipeError(f"{recipe_path} does not fit {params_path}:\n{err}") from None
+    out = io.StringIO()
+    rt.dump(params, out)
+    # The stages read params.yaml with PyYAML (YAML 1.1), the recipe was read as YAML 1.2:
+    # refuse values the two read differently (1e-5 is a string in YAML 1.1, 1.0e-5 a float).
+    bad = _mismatch(yaml.safe_load(out.getvalue()), params)
+    if bad:
+        raise RecipeError(f"{recipe_path}: {bad[0]} = {bad[2]!r} would be read back as "
+                          f"{bad[1]!r} by PyYAML; write it unambiguously (e.g. 1.0e-5, not 1e-5)")
+    if changes:
+        write_text_atomic(params_path, out.getvalue())
+    return changes
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", help="a recipes/*.yaml file")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        changes = apply(args.recipe, args.params)
+    except RecipeError as err:
+        print(f"recipe: {err}", file=sys.stderr)
+        return 1
+    if not changes:
+        print(f"{args.params} already matches {args.recipe}: nothing changed")
+        return 0
+    print(f"{args.recipe} -> {args.params}: {len(changes)} change{'s' * (len(changes) > 1)}")
+    for name, old, new in changes:
+        print(f"  {name}: {_show(old)} -> {_show(new)}")
+    print("next: `dvc params diff` to review, `dvc repro` to run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
