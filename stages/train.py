@@ -4,6 +4,9 @@
 
 Killed mid-run? Run it again (or `dvc repro`): it resumes from the last checkpoint in
 models/.train-checkpoint and ends with the same best adapter as an uninterrupted run.
+
+Several machines (or processes): `make train-distributed HOSTS=hosts.json` runs this script
+under `mlx.launch` (see voicetune/distributed.py); rank 0 writes every output.
 """
 import argparse
 import math
@@ -12,7 +15,7 @@ import sys
 import types
 from pathlib import Path
 
-from voicetune import blas
+from voicetune import blas, estimate
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.lora import LoRAConfigError, apply_lora, parameter_counts
 from voicetune.params import load_params
@@ -39,7 +42,9 @@ def main() -> int:
     lora_p, train_p = params["lora"], params["train"]
     cfg = TrainConfig.from_params(train_p)
 
-    blas.check()
+    group = mx.distributed.init()
+    lead = group.rank() == 0  # only rank 0 prints the summary and writes outputs
+    blas.check(verbose=lead)
     mx.random.seed(cfg.seed)  # LoRA's initial A matrices and dropout draw from this
     model, tokenizer = load(args.model)
     if mx.default_device() == mx.cpu:
@@ -47,20 +52,27 @@ def main() -> int:
     adapter_config = apply_lora(model, lora_p["rank"], lora_p["scale"], lora_p["dropout"],
                                 lora_p["keys"], lora_p.get("num_layers", -1))
     trainable, total = parameter_counts(model)
-    print(f"LoRA rank {lora_p['rank']} on {', '.join(lora_p['keys'])} in the last "
-          f"{adapter_config['num_layers']} layers: {trainable:,} trainable parameters "
-          f"({100 * trainable / total:.3f}% of {total:,})")
+    if lead:
+        print(f"LoRA rank {lora_p['rank']} on {', '.join(lora_p['keys'])} in the last "
+              f"{adapter_config['num_layers']} layers: {trainable:,} trainable parameters "
+              f"({100 * trainable / total:.3f}% of {total:,})")
 
     data_cfg = types.SimpleNamespace(mask_prompt=train_p.get("mask_prompt", True))
     train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, data_cfg)
     train_set, valid_set = CacheDataset(train_set), CacheDataset(valid_set)
+    # before any step: expected count (checked against the real one) and memory; the longest
+    # sample makes the widest batch, so it sets the peak
+    longest = max((len(train_set[i][0]) for i in range(len(train_set))), default=None)
+    if lead:
+        estimate.report_before_training(args.model, lora_p, train_p, trainable, longest,
+                                        dtype_bytes=4 if mx.default_device() == mx.cpu else None)
 
     weights = [(f.name, f.stat().st_size) for f in sorted(Path(args.model).glob("*.safetensors"))]
     checkpoint = Checkpoint(args.checkpoint, fingerprint(
         lora_p, train_p, weights, Path(args.model) / "config.json",
         Path(args.data) / "train.jsonl", Path(args.data) / "valid.jsonl"))
 
-    live = Live(args.live_dir, resume=False, save_dvc_exp=False, dvcyaml=False)
+    live = Live(args.live_dir, resume=False, save_dvc_exp=False, dvcyaml=False) if lead else None
 
     def log(record: dict) -> None:
         live.step = record["step"]
@@ -69,11 +81,16 @@ def main() -> int:
                 live.log_metric(name, value)
 
     failure = None
-    with tqdm(total=cfg.iters, desc="train", unit="it", dynamic_ncols=True) as bar:
+    with tqdm(total=cfg.iters, desc="train", unit="it", dynamic_ncols=True, disable=not lead) as bar:
         try:
-            result = train(model, train_set, valid_set, cfg, checkpoint, log=log, progress_bar=bar)
+            result = train(model, train_set, valid_set, cfg, checkpoint, log=log if lead else lambda record: None,
+                           progress_bar=bar, group=group)
         except TrainingError as err:
             failure, result = err, None
+    if not lead:
+        if failure is not None:
+            print(f"train (rank {group.rank()}): {failure}", file=sys.stderr)
+        return 1 if failure is not None else 0
     live.end()
 
     if not checkpoint.best_file.exists():

@@ -180,8 +180,13 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_best(tmp_path, tiny_model_d
 def test_prompt_masking_counts_only_the_assistant_tokens(tiny_model_dir, tiny_data_dir):
     model, tokenizer, train_set, _ = datasets(tiny_model_dir, tiny_data_dir)
     messages = [json.loads(line)["messages"] for line in (tiny_data_dir / "train.jsonl").open()][:4]
-    tokens, lengths = collate(train_set, [0, 1, 2, 3], 512)
-    loss, ntoks = masked_loss(model, tokens, lengths)
+    batch = collate(train_set, [0, 1, 2, 3], 512)
+    tokens = batch.tokens
+    loss, ntoks = masked_loss(model, *batch)
+    # the full-logits path (architectures without a plain vocabulary head) agrees
+    full_loss, full_ntoks = masked_loss(model, batch.tokens, batch.lengths)
+    assert full_ntoks.item() == ntoks.item()
+    assert full_loss.item() == pytest.approx(loss.item(), rel=1e-5)
 
     prompt_lens = [len(tokenizer.apply_chat_template(m[:2], add_generation_prompt=True, return_dict=False))
                    for m in messages]

@@ -20,13 +20,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import evaluate, grad_checkpoint
 
 from .files import write_json_atomic
@@ -39,30 +39,70 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------- loss
-def masked_loss(model, tokens: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+# Architectures whose forward is exactly ``head(model.model(inputs))``: for these the loss
+# projects onto the vocabulary only the positions it trains on (see ``masked_loss``).
+_PLAIN_HEAD_TYPES = {"llama", "phi3", "qwen2", "mistral"}
+
+
+def vocabulary_head(model) -> Callable | None:
+    """The output projection of ``model`` if its logits are ``head(model.model(x))``, else None."""
+    if getattr(model, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear
+    return model.lm_head
+
+
+class Batch(NamedTuple):
+    """A padded batch. ``target_index`` lists the flattened (row * (width - 1) + position)
+    indices of the trained targets, padded to a multiple of PAD_MULTIPLE with weight 0."""
+
+    tokens: mx.array          # (B, width) token ids, zero-padded
+    lengths: mx.array         # (B, 2): [prompt offset, length] as mlx-lm's loss expects
+    target_index: mx.array    # (K,) int32
+    target_weight: mx.array   # (K,) float32, 1 for real targets, 0 for padding
+
+
+def masked_loss(model, tokens: mx.array, lengths: mx.array, target_index: mx.array | None = None,
+                target_weight: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the targets at positions [offset, length) of each row.
 
     mlx-lm's ``default_loss`` is the same but for ``steps <= length``, which also counts one
     padding target per row (id 0 after the last token; upstream PR ml-explore/mlx-lm#1697).
+
+    Given ``target_index``/``target_weight`` (see ``Batch``), only the trained positions go
+    through the vocabulary projection and the softmax: with a 49k vocabulary and the prompt
+    masked, that skips over half of the most expensive elementwise work on a CPU.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs)
-    steps = mx.arange(1, targets.shape[1] + 1)  # index of each target in the unshifted row
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
-    ntoks = mask.sum()
-    ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / ntoks
-    return ce, ntoks
+    head = vocabulary_head(model) if target_index is not None else None
+    if head is None:
+        logits = model(inputs)
+        steps = mx.arange(1, targets.shape[1] + 1)  # index of each target in the unshifted row
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+        ntoks = mask.sum()
+        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / ntoks
+        return ce, ntoks
+    hidden = model.model(inputs)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[target_index]
+    logits = head(hidden)
+    ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[target_index]).astype(mx.float32)
+    ntoks = (target_weight > 0).sum()
+    return (ce * target_weight).sum() / ntoks, ntoks
 
 
 # ---------------------------------------------------------------- batches
 def length_sorted_batches(dataset, batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (less padding), last partial dropped."""
-    order = sorted(range(len(dataset)), key=lambda i: (dataset.itemlen(i), i))
+    """Indices grouped into batches of similar token length (less padding), last partial
+    dropped. (mlx-lm's ``itemlen`` measures the raw record, 1 for a chat row, so the lengths
+    are the tokenized ones.)"""
+    lengths = [len(dataset[i][0]) for i in range(len(dataset))]
+    order = sorted(range(len(dataset)), key=lambda i: (lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-def collate(dataset, indices: list[int], max_seq_length: int) -> tuple[mx.array, mx.array]:
-    """Pad a batch; return (tokens, [[prompt_offset, length], ...]) as mlx-lm's loss expects."""
+def collate(dataset, indices: list[int], max_seq_length: int) -> Batch:
+    """Pad a batch to a multiple of PAD_MULTIPLE (+1 for the shift) and index its targets."""
     items = [dataset[i] for i in indices]
     lengths = [min(len(tokens), max_seq_length) for tokens, _ in items]
     width = min(1 + PAD_MULTIPLE * math.ceil(max(lengths) / PAD_MULTIPLE), max_seq_length)
@@ -70,7 +110,15 @@ def collate(dataset, indices: list[int], max_seq_length: int) -> tuple[mx.array,
     for row, ((seq, _), n) in enumerate(zip(items, lengths)):
         tokens[row, :n] = seq[:n]
     offsets = [offset for _, offset in items]
-    return mx.array(tokens), mx.array(list(zip(offsets, lengths)))
+    # target t of row r sits at position t - 1 of the shifted row: offset <= t < length
+    index = np.concatenate([row * (width - 1) + np.arange(max(offset, 1) - 1, n - 1)
+                            for row, (offset, n) in enumerate(zip(offsets, lengths))])
+    padded = PAD_MULTIPLE * max(1, math.ceil(len(index) / PAD_MULTIPLE))
+    weight = np.zeros(padded, np.float32)
+    weight[:len(index)] = 1
+    index = np.pad(index, (0, padded - len(index))).astype(np.int32)
+    return Batch(mx.array(tokens), mx.array(list(zip(offsets, lengths))), mx.array(index),
+                 mx.array(weight))
 
 
 def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
@@ -78,22 +126,26 @@ def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(dataset, batch_size: int, max_seq_length: int, seed: int,
-                  start: int = 0) -> Iterator[tuple[mx.array, mx.array]]:
-    """Endless shuffled batches, beginning after ``start`` batches already consumed."""
+                  start: int = 0, rank: int = 0, size: int = 1) -> Iterator[Batch]:
+    """Endless shuffled batches, beginning after ``start`` batches already consumed. With
+    ``size`` processes, each gets rows ``rank::size`` of every global batch."""
     batches = length_sorted_batches(dataset, batch_size)
     step = start
     while True:
         epoch, pos = divmod(step, len(batches))
-        yield collate(dataset, batches[epoch_order(len(batches), seed, epoch)[pos]], max_seq_length)
+        rows = batches[epoch_order(len(batches), seed, epoch)[pos]][rank::size]
+        yield collate(dataset, rows, max_seq_length)
         step += 1
 
 
 def validation_batches(dataset, batch_size, max_seq_length, comm_group=None, **_):
     """Fixed, unshuffled validation batches (drop-in for mlx-lm's ``iterate_batches`` in
-    ``evaluate``): the same numbers every time, whatever happened before."""
+    ``evaluate``, which sums the results of all processes): the same numbers every time,
+    whatever happened before, and whatever the number of processes."""
+    rank, size = (comm_group.rank(), comm_group.size()) if comm_group else (0, 1)
     batches = length_sorted_batches(dataset, batch_size)
     for i in epoch_order(len(batches), seed=0, epoch=0):
-        yield collate(dataset, batches[i], max_seq_length)
+        yield collate(dataset, batches[i][rank::size], max_seq_length)
 
 
 def validation_loss(model, dataset, batch_size: int, max_seq_length: int, num_batches: int = -1,
@@ -242,12 +294,60 @@ def _restore_state(model, optimizer, tensors: dict[str, mx.array]) -> None:
                                       if k.startswith("optimizer.")])
 
 
-def step_seed(seed: int, iteration: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{iteration}".encode()).digest()[:8], "little")
+def step_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    """The random seed of one step (of one process: ranks draw their own dropout masks)."""
+    key = f"{seed}:{iteration}" + (f":{rank}" if rank else "")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def broadcast(tensors: dict[str, mx.array], group) -> dict[str, mx.array]:
+    """Rank 0's tensors on every process (a sum to which the other ranks add zeros)."""
+    zero = group.rank() != 0
+    return {k: mx.distributed.all_sum(mx.zeros_like(v) if zero else v, group=group)
+            for k, v in tensors.items()}
+
+
+def broadcast_json(value, group):
+    """Rank 0's JSON-able ``value`` on every process."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if group.rank() == 0 else b""
+    size = int(mx.distributed.all_sum(mx.array(len(data)), group=group).item())
+    buffer = np.zeros(size, np.int32)
+    buffer[:len(data)] = np.frombuffer(data, np.uint8) if len(data) else 0
+    summed = np.array(mx.distributed.all_sum(mx.array(buffer), group=group))
+    return json.loads(summed.astype(np.uint8).tobytes())
 
 
 def adapter_weights(model) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
+
+
+def make_step(model, optimizer, use_grad_checkpoint: bool = False, group=None):
+    """A compiled training step ``step(*batch) -> (loss, ntoks)`` and the state to evaluate
+    after it (model, optimizer, random key).
+
+    Across the processes of ``group`` (each holding its rows of the global batch), the loss
+    and gradients are those of the whole batch: each process's mean is weighted by its
+    share of the trained tokens, so the result equals one process's on the same batch.
+    """
+    if use_grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+    size = group.size() if group is not None else 1
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*batch):
+        (loss, ntoks), grads = loss_and_grad(model, *batch)
+        if size > 1:
+            total = mx.distributed.all_sum(ntoks, group=group)
+            share = ntoks.astype(mx.float32) * size / total  # average_gradients divides by size
+            grads = nn.average_gradients(tree_map(lambda g: g * share, grads), group=group)
+            loss = mx.distributed.all_sum(loss * ntoks, group=group) / total
+            ntoks = total
+        optimizer.update(model, grads)
+        return loss, ntoks
+
+    return step, state
 
 
 # ---------------------------------------------------------------- the loop
@@ -266,18 +366,30 @@ class TrainResult:
 
 
 def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
-          log: Callable[[dict], None] = lambda record: None, progress_bar=None) -> TrainResult:
+          log: Callable[[dict], None] = lambda record: None, progress_bar=None,
+          group=None) -> TrainResult:
     """Train the LoRA ``model`` (already adapted and seeded); the best adapter ends up in
-    ``checkpoint.best_file``. ``log`` receives every record (train and validation)."""
+    ``checkpoint.best_file``. ``log`` receives every record (train and validation).
+
+    Data-parallel when launched on several processes (``mlx.launch``; ``group`` defaults to
+    ``mx.distributed.init()``): each process trains on its rows of every batch, gradients are
+    combined as one batch's, validation is summed over all processes so that every process
+    takes the same early-stopping decision, and only rank 0 writes checkpoints.
+    """
+    group = group or mx.distributed.init()
+    rank, size = group.rank(), group.size()
     if len(valid_set) < cfg.batch_size:
         raise TrainingError(f"the validation split has {len(valid_set)} samples, fewer than "
                             f"train.batch_size={cfg.batch_size}")
+    if cfg.batch_size % size:
+        raise TrainingError(f"train.batch_size={cfg.batch_size} does not split evenly over "
+                            f"{size} processes: make it a multiple of {size}")
     optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate)
     optimizer.init(model.trainable_parameters())
     stopping = EarlyStopping(cfg.patience, cfg.min_delta)
     progress = Progress()
 
-    resumed = checkpoint.load()
+    resumed = checkpoint.load() if rank == 0 else None
     if resumed:
         progress, tensors = resumed
         _restore_state(model, optimizer, tensors)
@@ -286,18 +398,13 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
               f"(best val loss so far {stopping.best_loss:.4f} at {stopping.best_iter})")
         for record in progress.history:
             log(record)
+    if size > 1:  # every process starts from rank 0's state: fresh or resumed
+        progress = Progress(**broadcast_json(asdict(progress), group))
+        stopping = EarlyStopping(**progress.stopping) if progress.stopping else stopping
+        _restore_state(model, optimizer, broadcast(_state_tensors(model, optimizer), group))
     resumed_from = progress.iteration
 
-    if cfg.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(tokens, lengths):
-        (loss, ntoks), grads = loss_and_grad(model, tokens, lengths)
-        optimizer.update(model, grads)
-        return loss, ntoks
+    step, state = make_step(model, optimizer, cfg.grad_checkpoint, group)
 
     def record(entry: dict) -> None:
         progress.history.append(entry)
@@ -311,7 +418,7 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
         record(entry)
         if not math.isfinite(loss):
             raise TrainingError(f"validation loss is {loss} at iteration {iteration}")
-        if stopping.update(loss, iteration):
+        if stopping.update(loss, iteration) and rank == 0:
             checkpoint.save_best(adapter_weights(model))
         return loss
 
@@ -321,18 +428,18 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
     base_val_loss = progress.history[0]["val_loss"]
 
     batches = train_batches(train_set, cfg.batch_size, cfg.max_seq_length, cfg.seed,
-                            start=progress.iteration)
+                            start=progress.iteration, rank=rank, size=size)
     window = {"steps": 0, "loss": 0.0, "tokens": 0, "trained": 0, "seconds": 0.0}
     stop_reason, iteration = "iters_done", progress.iteration
     if progress_bar is not None:
         progress_bar.update(progress.iteration)
     for iteration in range(progress.iteration + 1, cfg.iters + 1):
-        tokens, lengths = next(batches)
+        batch = next(batches)
         # The random stream (LoRA dropout) of step i is a function of (seed, i) alone, so the
         # iteration number is all the RNG state a resumed run needs.
-        mx.random.seed(step_seed(cfg.seed, iteration))
+        mx.random.seed(step_seed(cfg.seed, iteration, rank))
         tic = time.perf_counter()
-        loss, ntoks = step(tokens, lengths)
+        loss, ntoks = step(*batch)
         mx.eval(state, loss, ntoks)
         elapsed = time.perf_counter() - tic
         loss_value = loss.item()
@@ -346,7 +453,8 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
         window["loss"] += loss_value
         window["seconds"] += elapsed
         window["trained"] += ntoks.item()
-        window["tokens"] += int(lengths[:, 1].sum().item())
+        tokens = batch.lengths[:, 1].sum()
+        window["tokens"] += (mx.distributed.all_sum(tokens, group=group) if size > 1 else tokens).item()
         if progress_bar is not None:
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{loss_value:.3f}", best_val=f"{stopping.best_loss:.3f}")
@@ -367,7 +475,7 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
         if stopping.should_stop:
             stop_reason = "early_stop"
             break
-        if iteration % cfg.save_every == 0 and iteration < cfg.iters:
+        if iteration % cfg.save_every == 0 and iteration < cfg.iters and rank == 0:
             checkpoint.save(progress, _state_tensors(model, optimizer))
 
     train_records = [r for r in progress.history if "tokens_per_second" in r]
