@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test clean
+.PHONY: setup repro test clean recipe bench train-distributed
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,21 @@ repro: setup  ## run the whole pipeline (dvc repro) on params.yaml
 
 test: setup  ## run the test suite
 	$(BIN)/pytest
+
+recipe: setup  ## apply recipes/$(R).yaml to params.yaml, e.g. make recipe R=phi3-blog; then make repro
+	$(BIN)/python -m voicetune.recipe recipes/$(R).yaml
+
+bench: setup  ## speed: MLX vs PyTorch+PEFT vs the matmul ceiling -> metrics/bench.json
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m voicetune.bench
+
+# The train stage on NP processes here, or one per host of HOSTS (an mlx.launch hostfile);
+# `dvc commit` then records its outputs, so `make repro` goes on from there.
+NP ?= 2
+train-distributed: setup  ## data-parallel training: make train-distributed [NP=2 | HOSTS=hosts.json]
+	$(BIN)/dvc repro prepare
+	$(BIN)/python -m voicetune.distributed $(if $(HOSTS),--hostfile $(HOSTS),--np $(NP))
+	$(BIN)/dvc commit --force train
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive
