@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from voicetune import blas  # noqa: F401  (fast BLAS before mlx)
+from voicetune import blas  # before mlx: a fast BLAS on Linux
 from voicetune.files import write_json_atomic, write_text_atomic
 from voicetune.fusion import load_float32
 from voicetune.generation import generate_batched, prompt_tokens
@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="predictions JSONL (default data/eval/<model>.jsonl)")
     ap.add_argument("--metrics", default=None, help="default metrics/eval_<model>.json")
     args = ap.parse_args()
+    blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
     p = load_params(args.params)["eval"]
     out = Path(args.out or f"data/eval/{args.model}.jsonl")
     metrics_path = Path(args.metrics or f"metrics/eval_{args.model}.json")

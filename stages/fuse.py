@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from voicetune import blas  # noqa: F401  (fast BLAS before mlx)
+from voicetune import blas  # before mlx: a fast BLAS on Linux
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.fusion import FusionError, fuse, verify
 from voicetune.params import load_params
@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--out", default="models/fused")
     ap.add_argument("--metrics", default="metrics/fuse.json")
     args = ap.parse_args()
+    blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
     p = load_params(args.params)["fuse"]
 
     tokenizer = load_tokenizer(Path(args.base))
