@@ -62,7 +62,7 @@ def mlx_train_worker(model_dir: str, keys: list[str], batch: int, seq_len: int, 
     from mlx_lm import load
 
     from .lora import apply_lora
-    from .training import PAD_MULTIPLE, Batch, make_step
+    from .training import Batch, make_step, target_index
 
     mx.random.seed(seed)
     model, _ = load(model_dir)
@@ -74,16 +74,14 @@ def mlx_train_worker(model_dir: str, keys: list[str], batch: int, seq_len: int, 
     rng = np.random.default_rng(seed)
     vocab = model.args.vocab_size
     n = batch * seq_len  # inputs are seq_len long: seq_len + 1 tokens, all targets trained
-    padded = PAD_MULTIPLE * -(-n // PAD_MULTIPLE)
-    index, weight = np.zeros(padded, np.int32), np.zeros(padded, np.float32)
-    index[:n], weight[:n] = np.arange(n), 1
+    offsets, lengths = [0] * batch, [seq_len + 1] * batch
+    targets = target_index(offsets, lengths, seq_len + 1)
     times = []
     mx.reset_peak_memory()
     for i in range(warmup + steps):
         tokens = mx.array(rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32))
-        lengths = mx.array([[0, seq_len + 1]] * batch)
         tic = time.perf_counter()
-        loss, _ = step(*Batch(tokens, lengths, mx.array(index), mx.array(weight)))
+        loss, _ = step(*Batch(tokens, mx.array(list(zip(offsets, lengths))), *targets))
         mx.eval(state, loss)
         if i >= warmup:
             times.append(time.perf_counter() - tic)
@@ -241,14 +239,13 @@ def main(argv=None) -> None:
                         runs["torch"].append(result)
                 entry["train"][label] = summarize_train(runs, entry["ceiling_tokens_per_s"])
             print(f"[bench] {name} generation", flush=True)
-            gen = ["--batch", str(args.gen_batch), "--prompt-len", str(args.prompt_len),
+            gen = ["--model", str(model_dir), "--prompt-len", str(args.prompt_len),
                    "--new-tokens", str(args.new_tokens)]
             entry["generate"]["mlx"] = _run_json([sys.executable, "-m", "voicetune.bench", "--worker",
-                                                  "generate", "--model", str(model_dir), "--gen-batch",
-                                                  str(args.gen_batch), "--prompt-len", str(args.prompt_len),
-                                                  "--new-tokens", str(args.new_tokens)])[0]
-            torch_gen, _ = _run_json([sys.executable, "-m", "voicetune.bench_torch", "--model",
-                                      str(model_dir), "--generate", "--threads", str(os.cpu_count()), *gen])
+                                                  "generate", "--gen-batch", str(args.gen_batch), *gen])[0]
+            torch_gen, _ = _run_json([sys.executable, "-m", "voicetune.bench_torch", "--generate",
+                                      "--batch", str(args.gen_batch), "--threads", str(os.cpu_count()),
+                                      *gen])
             if torch_gen:
                 entry["generate"]["torch"] = torch_gen
             report["models"][name] = entry

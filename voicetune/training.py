@@ -110,15 +110,19 @@ def collate(dataset, indices: list[int], max_seq_length: int) -> Batch:
     for row, ((seq, _), n) in enumerate(zip(items, lengths)):
         tokens[row, :n] = seq[:n]
     offsets = [offset for _, offset in items]
+    return Batch(mx.array(tokens), mx.array(list(zip(offsets, lengths))),
+                 *target_index(offsets, lengths, width))
+
+
+def target_index(offsets: list[int], lengths: list[int], width: int) -> tuple[mx.array, mx.array]:
+    """``Batch.target_index`` and ``target_weight`` of rows padded to ``width`` tokens."""
     # target t of row r sits at position t - 1 of the shifted row: offset <= t < length
     index = np.concatenate([row * (width - 1) + np.arange(max(offset, 1) - 1, n - 1)
                             for row, (offset, n) in enumerate(zip(offsets, lengths))])
     padded = PAD_MULTIPLE * max(1, math.ceil(len(index) / PAD_MULTIPLE))
     weight = np.zeros(padded, np.float32)
     weight[:len(index)] = 1
-    index = np.pad(index, (0, padded - len(index))).astype(np.int32)
-    return Batch(mx.array(tokens), mx.array(list(zip(offsets, lengths))), mx.array(index),
-                 mx.array(weight))
+    return mx.array(np.pad(index, (0, padded - len(index))).astype(np.int32)), mx.array(weight)
 
 
 def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
