@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from voicetune.errors import run_stage
 from voicetune import base_model
 from voicetune.chat_format import end_of_turn_token
 from voicetune.files import atomic_dir
@@ -41,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("base_model", main)

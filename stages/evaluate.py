@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from voicetune.errors import run_stage
 from voicetune import blas  # before mlx: a fast BLAS on Linux
 from voicetune.files import write_json_atomic, write_text_atomic
 from voicetune.fusion import load_float32
@@ -84,4 +85,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage("evaluate", main)

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from voicetune.errors import run_stage
 from voicetune import blas  # before mlx: a fast BLAS on Linux
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.fusion import FusionError, fuse, verify
@@ -52,7 +53,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FusionError as err:
-        sys.exit(f"fuse: {err}")
+    run_stage("fuse", main)

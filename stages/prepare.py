@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlx_lm.utils import load_tokenizer
 
+from voicetune.errors import run_stage
 from voicetune import dataset
 from voicetune.chat_format import ChatTemplateError, check_rendered, profile_template, render
 from voicetune.files import atomic_dir, write_json_atomic, write_jsonl
@@ -93,7 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (dataset.DataError, ChatTemplateError) as err:
-        raise SystemExit(f"prepare: {err}")
+    run_stage("prepare", main)

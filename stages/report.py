@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from voicetune.errors import run_stage
 from voicetune import report
 from voicetune.files import write_json_atomic, write_text_atomic
 from voicetune.metrics import read_predictions
@@ -39,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("report", main)

@@ -15,6 +15,7 @@ import sys
 import types
 from pathlib import Path
 
+from voicetune.errors import run_stage
 from voicetune import blas, estimate
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.lora import LoRAConfigError, apply_lora, parameter_counts
@@ -131,7 +132,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LoRAConfigError as err:
-        sys.exit(f"train: {err}")
+    run_stage("train", main)

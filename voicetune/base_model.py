@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import UserError
 from .files import write_json_atomic
 
 EMBEDDED = {
@@ -27,7 +28,7 @@ _HF_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinj
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     pass
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import UserError
+
 # Strings that no real template or dataset contains, so we can find each role's content.
 _PROBE = {
     "system": "voicetune-probe-system-4f1c",
@@ -18,7 +20,7 @@ _PROBE = {
 }
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     pass
 
 

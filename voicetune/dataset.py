@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import UserError
+
 ROLES = ("system", "user", "assistant")
 SHAPES = (
     '{"conversation": [{"role", "content"}, ...]}',
@@ -28,7 +30,7 @@ SHAPES = (
 MAX_REPORTED = 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message lists every problem found (up to MAX_REPORTED)."""
 
     def __init__(self, problems: list[str], header: str = "invalid dataset"):

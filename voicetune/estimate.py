@@ -11,11 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
 GB = 1e9  # decimal, like peak_memory_gb in metrics/train.json
 LLAMA_TYPES, PHI3_TYPES = ("llama", "mistral"), ("phi3",)
 
 
-class EstimateError(ValueError):
+class EstimateError(UserError, ValueError):
     pass
 
 

@@ -14,10 +14,11 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import load, save
 
+from .errors import UserError
 from .generation import generate_batched
 
 
-class FusionError(RuntimeError):
+class FusionError(UserError, RuntimeError):
     pass
 
 

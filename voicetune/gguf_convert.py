@@ -22,6 +22,7 @@ from gguf.quants import dequantize
 from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,
                         pre_tokenizers, processors)
 
+from .errors import UserError
 from .files import write_json_atomic
 
 # GGUF tensor names (llama.cpp) -> Hugging Face Llama names.
@@ -43,7 +44,7 @@ _GLOBAL_TENSORS = {
 }
 
 
-class GGUFConversionError(ValueError):
+class GGUFConversionError(UserError, ValueError):
     pass
 
 

@@ -9,10 +9,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from .errors import UserError
+
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
-class LoRAConfigError(ValueError):
+class LoRAConfigError(UserError, ValueError):
     pass
 
 

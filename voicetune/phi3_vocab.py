@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .errors import UserError
+
 FILENAME = "ggml-vocab-phi-3.gguf"
 SHA256 = "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "phi-3" / FILENAME
@@ -32,7 +34,7 @@ INDEX_URL = f"https://pypi.org/simple/{PACKAGE}/"
 TIMEOUT_S = 60
 
 
-class Phi3VocabError(RuntimeError):
+class Phi3VocabError(UserError, RuntimeError):
     pass
 
 

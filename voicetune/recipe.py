@@ -18,10 +18,11 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from .errors import UserError
 from .files import write_text_atomic
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     pass
 
 

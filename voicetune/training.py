@@ -29,12 +29,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import evaluate, grad_checkpoint
 
+from .errors import UserError
 from .files import write_json_atomic
 
 PAD_MULTIPLE = 32  # as mlx-lm: pad each batch to a multiple of 32 tokens (+1 for the shift)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 
