@@ -6,16 +6,26 @@ Every sample is [persona system prompt, question, answer] in mlx-lm's chat forma
 against the base model's own chat template (models/base).
 """
 import argparse
+import math
+import sys
 import tempfile
 from pathlib import Path
 
 from mlx_lm.utils import load_tokenizer
 
-from voicetune.errors import run_stage
+from voicetune.errors import UserError, run_stage
 from voicetune import dataset
 from voicetune.chat_format import ChatTemplateError, check_rendered, profile_template, render
 from voicetune.files import atomic_dir, write_json_atomic, write_jsonl
 from voicetune.params import load_params
+
+
+def warn_some(notes: list[str], what: str, shown: int = 10) -> None:
+    """The first ``shown`` notes as warnings on stderr, then how many more there are."""
+    for note in notes[:shown]:
+        print(f"warning: {note}", file=sys.stderr)
+    if len(notes) > shown:
+        print(f"warning: ... {len(notes) - shown} more {what}", file=sys.stderr)
 
 
 def main() -> None:
@@ -28,6 +38,10 @@ def main() -> None:
     params = load_params(args.params)
     p, t = params["data"], params["train"]
 
+    if not (Path(args.model) / "tokenizer_config.json").is_file():
+        # else mlx-lm takes the path for a hub repo id and fails with a traceback
+        raise UserError(f"{args.model}: no model folder (no tokenizer_config.json); build it with "
+                        "`dvc repro base_model`, or pass --model a Hugging Face-format folder")
     tokenizer = load_tokenizer(Path(args.model))
     profile = profile_template(tokenizer)
     system_prompt = p["system_prompt"]
@@ -36,19 +50,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as download_dir:
         if p.get("hub_dataset"):
-            files = dataset.download_hub_dataset(p["hub_dataset"], p.get("hub_revision"),
-                                                 Path(download_dir))
+            files, source = dataset.download_hub_dataset(p["hub_dataset"], p.get("hub_revision"),
+                                                         Path(download_dir))
         else:
             files = dataset.source_files(p["source"])
+            source = {"path": str(p["source"]), "files": [str(f) for f in files]}
         exchanges = dataset.load_exchanges(files, forbidden=profile.specials)
-    exchanges, duplicates = dataset.drop_duplicate_questions(exchanges)
-    for note in duplicates[:10]:
-        print(f"warning: {note}")
-    if len(duplicates) > 10:
-        print(f"warning: ... {len(duplicates) - 10} more duplicate questions dropped")
+    exchanges, duplicates, conflicts = dataset.drop_duplicate_questions(exchanges)
+    warn_some(duplicates, "duplicate questions dropped")
+    warn_some(conflicts, "questions with a conflicting answer dropped")
 
     splits = dataset.split(exchanges, p["seed"], p["valid_ratio"], p["test_ratio"],
-                           by=p.get("split_by", "exchange"))
+                           by=p.get("split_by", "conversation"))
     dataset.check_split_sizes(splits, t["batch_size"])
 
     rows, lengths, problems = {}, {}, []
@@ -59,38 +72,48 @@ def main() -> None:
             why = check_rendered(render(tokenizer, row["messages"]), row["messages"], profile)
             if why:
                 problems.append(f"{ex.where}: {why}")
-            lengths[name].append(len(tokenizer.apply_chat_template(row["messages"], return_dict=False)))
+            prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True,
+                                                   return_dict=False)  # as mlx-lm masks it
+            total = tokenizer.apply_chat_template(row["messages"], return_dict=False)
+            lengths[name].append(dataset.Length(ex.where, len(prompt), len(total)))
     if problems:
         raise ChatTemplateError(str(dataset.DataError(problems, header="chat template check failed")))
+    for warning in dataset.check_answer_room(lengths, t["max_seq_length"]):
+        print(f"warning: {warning}", file=sys.stderr)
 
     with atomic_dir(args.out) as out:
         for name, split_rows in rows.items():
             write_jsonl(out / f"{name}.jsonl", split_rows)
 
-    steps_per_epoch = len(rows["train"]) // t["batch_size"]  # mlx-lm drops the last partial batch
-    all_lengths = [n for split_lengths in lengths.values() for n in split_lengths]
+    # training takes every sample once per epoch, the last batch of an epoch maybe partial
+    steps_per_epoch = math.ceil(len(rows["train"]) / t["batch_size"])
+    all_lengths = [x.total for split_lengths in lengths.values() for x in split_lengths]
     summary = {
+        "source": source,  # what was read: the path(s), or the hub dataset at its commit sha
         "samples": {name: len(r) for name, r in rows.items()},
         "total": len(exchanges),
-        "duplicates_dropped": len(duplicates),
+        "duplicates_dropped": len(duplicates) + len(conflicts),  # conflicts included
+        "conflicting_answers": len(conflicts),
         "steps_per_epoch": steps_per_epoch,
         "epochs": round(t["iters"] / steps_per_epoch, 2),
         "tokens": dataset.length_summary(all_lengths, t["max_seq_length"]),
-        "train_over_max_seq_length": sum(1 for n in lengths["train"] if n > t["max_seq_length"]),
+        "train_over_max_seq_length": sum(1 for x in lengths["train"] if x.total > t["max_seq_length"]),
     }
     write_json_atomic(args.metrics, summary)
 
     tok = summary["tokens"]
-    print(f"prepared {summary['total']} samples from {', '.join(map(str, files)) if not p.get('hub_dataset') else p['hub_dataset']}"
+    read = (f"{source['hub_dataset']}@{source['commit_sha']}" if "hub_dataset" in source
+            else ", ".join(source["files"]))
+    print(f"prepared {summary['total']} samples from {read}"
           f" -> train {len(rows['train'])} / valid {len(rows['valid'])} / test {len(rows['test'])}"
-          f" (seed {p['seed']}, split by {p.get('split_by', 'exchange')})")
+          f" (seed {p['seed']}, split by {p.get('split_by', 'conversation')})")
     print(f"  {steps_per_epoch} steps per epoch at batch {t['batch_size']}: "
           f"{t['iters']} iters = {summary['epochs']} epochs")
     print(f"  tokens per sample: p50 {tok['p50']}, p90 {tok['p90']}, p99 {tok['p99']}, max {tok['max']}; "
-          f"{tok['over_max_seq_length']} over max_seq_length {t['max_seq_length']}"
-          + (" (they will be truncated in training)" if tok["over_max_seq_length"] else ""))
-    if duplicates:
-        print(f"  {len(duplicates)} duplicate questions dropped")
+          f"{tok['over_max_seq_length']} over max_seq_length {t['max_seq_length']}")
+    if duplicates or conflicts:
+        print(f"warning: {len(duplicates) + len(conflicts)} duplicate questions dropped in all, "
+              f"{len(conflicts)} of them with a conflicting answer", file=sys.stderr)
 
 
 if __name__ == "__main__":

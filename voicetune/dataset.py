@@ -7,13 +7,19 @@ Accepted row shapes (one JSON object per JSONL line, or a JSON list of objects):
     {"prompt": ..., "completion": ...}
 A multi-turn conversation yields one sample per user->assistant exchange (as the seed did);
 system messages in the data are dropped, since every sample gets the persona prompt.
-Every problem is reported with file, line and field, all at once, before anything is written.
+Every problem is reported with file, line and field, all at once and in file order, before
+anything is written: a malformed or non-UTF-8 line does not hide the other rows' problems.
+Questions are de-duplicated after normalising case, punctuation, whitespace and Unicode forms,
+so that one question never lands in two splits.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
+import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -53,8 +59,36 @@ class Exchange:
     group: int  # index of the source row (conversation), for grouped splits
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
-    """Yield (location, parsed JSON value) for each row of a .jsonl or .json file."""
+BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it; it is no data
+
+
+def _decoded_lines(path: Path, data: bytes) -> tuple[list[str | None], list[str]]:
+    """The file's lines as text (None for a line that is not UTF-8) and one problem per bad line.
+
+    Lines are split on b"\\n" only, as editors number them; the \\r of CRLF files is dropped.
+    """
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    lines, problems = [], []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as err:
+            # the column an editor shows: characters before the bad byte (they decode), plus one
+            column = len(raw[:err.start].decode("utf-8")) + 1
+            problems.append(f"{path}:{lineno}: not UTF-8: byte 0x{raw[err.start]:02x} at column "
+                            f"{column}; save the file as UTF-8")
+            lines.append(None)
+    return lines, problems
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, object, str | None]]:
+    """Yield (location, parsed JSON value, problem) for each row of a .jsonl, .json or .parquet
+    file, in file order; a row that cannot be read has value None and says why in problem.
+
+    Rows that cannot be read do not stop the reading: the caller reports them together with
+    every other row's problems.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError([f"{path}: no such file"], header="cannot read the dataset")
@@ -64,30 +98,40 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
         except ImportError:
             raise DataError([f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"])
         for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}[row {i}]", row
+            yield f"{path}[row {i}]", row, None
         return
+    lines, undecodable = _decoded_lines(path, path.read_bytes())
     if path.suffix == ".json":
+        if undecodable:  # one document: nothing of it can be parsed
+            for problem in undecodable:
+                yield f"{path}", None, problem
+            return
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads("\n".join(lines))
         except json.JSONDecodeError as err:
-            raise DataError([f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})"])
+            yield f"{path}:{err.lineno}", None, (f"{path}:{err.lineno}: malformed JSON: {err.msg} "
+                                                f"(column {err.colno})")
+            return
         if not isinstance(rows, list):
-            raise DataError([f"{path}: a .json dataset must be a list of objects; "
-                             "for one object per line use .jsonl"])
+            yield f"{path}", None, (f"{path}: a .json dataset must be a list of objects; "
+                                    "for one object per line use .jsonl")
+            return
         for i, row in enumerate(rows):
-            yield f"{path}[{i}]", row
+            yield f"{path}[{i}]", row, None
         return
-    bad = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                bad.append(f"{path}:{lineno}: malformed JSON: {err.msg} (column {err.colno})")
-    if bad:
-        raise DataError(bad)
+    for lineno, line in enumerate(lines, 1):
+        where = f"{path}:{lineno}"
+        if line is None:
+            yield where, None, undecodable.pop(0)
+            continue
+        if not line.strip():
+            continue
+        try:
+            # parsed without its line break, so an error at the end of a cut-short line is at
+            # the end of this line (with it, json reports "line 2, column 1")
+            yield where, json.loads(line), None
+        except json.JSONDecodeError as err:
+            yield where, None, f"{where}: malformed JSON: {err.msg} (column {err.colno})"
 
 
 def _messages(row: dict) -> tuple[str, list] | None:
@@ -164,7 +208,10 @@ def load_exchanges(paths: Iterable[str | Path], forbidden: Iterable[str] = ()) -
     forbidden = list(forbidden)
     exchanges, problems, group = [], [], 0
     for path in paths:
-        for where, row in read_rows(path):
+        for where, row, unreadable in read_rows(path):
+            if unreadable:
+                problems.append(unreadable)
+                continue
             found, bad = exchanges_from_row(row, where, group, forbidden)
             exchanges += found
             problems += bad
@@ -177,22 +224,37 @@ def load_exchanges(paths: Iterable[str | Path], forbidden: Iterable[str] = ()) -
     return exchanges
 
 
-def _question_key(text: str) -> str:
-    return " ".join(text.split()).casefold()
+def normalized(text: str) -> str:
+    """The text as a duplicate check sees it: NFKC (full-width letters, non-breaking spaces and
+    ligatures become plain ones), case-folded, punctuation removed, whitespace collapsed.
+
+    "Why reef early?" and "  why REEF early" are one question: kept apart, the same question
+    could land in train and in test and inflate the test score.
+    """
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(c for c in text if not unicodedata.category(c).startswith("P"))
+    return " ".join(text.split())
 
 
-def drop_duplicate_questions(exchanges: list[Exchange]) -> tuple[list[Exchange], list[str]]:
-    """Keep the first answer to each question (case and whitespace ignored); report the rest."""
+def drop_duplicate_questions(exchanges: list[Exchange]
+                             ) -> tuple[list[Exchange], list[str], list[str]]:
+    """Keep the first exchange of each question (compared ``normalized``); return the kept
+    exchanges, the notes on dropped duplicates, and the notes on dropped conflicts (the same
+    question with a different answer, also compared ``normalized``), which need a person's look.
+    """
     first: dict[str, Exchange] = {}
-    kept, notes = [], []
+    kept, duplicates, conflicts = [], [], []
     for ex in exchanges:
-        key = _question_key(ex.user)
-        if key in first:
-            notes.append(f"{ex.where}: duplicate question (first at {first[key].where}), dropped")
-        else:
+        key = normalized(ex.user)
+        if key not in first:
             first[key] = ex
             kept.append(ex)
-    return kept, notes
+        elif normalized(ex.assistant) == normalized(first[key].assistant):
+            duplicates.append(f"{ex.where}: duplicate question (first at {first[key].where}), dropped")
+        else:
+            conflicts.append(f"{ex.where}: same question as {first[key].where} with a different "
+                             f"answer; kept the first, dropped this one (merge or reword them)")
+    return kept, duplicates, conflicts
 
 
 def _seeded_order(n: int, seed: int) -> list[int]:
@@ -202,11 +264,13 @@ def _seeded_order(n: int, seed: int) -> list[int]:
 
 
 def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: float,
-          by: str = "exchange") -> dict[str, list[Exchange]]:
+          by: str = "conversation") -> dict[str, list[Exchange]]:
     """Seeded 3-way split: test = floor(test_ratio*n), valid = floor(valid_ratio*n), train = rest.
 
-    With ``by="conversation"`` whole source rows go to one split (the exchanges of one post
-    never straddle splits); test and valid are then filled to at least their target size.
+    With ``by="conversation"`` (the default) whole source rows go to one split: the later
+    exchanges of a conversation continue its earlier ones, so splitting them apart would test
+    the model on what it trained on. Test and valid are then filled to at least their target
+    size. ``by="exchange"`` shuffles the exchanges themselves.
     """
     if not (0 <= valid_ratio < 1 and 0 <= test_ratio < 1 and valid_ratio + test_ratio < 1):
         raise ValueError(f"data.valid_ratio={valid_ratio} and data.test_ratio={test_ratio} "
@@ -258,6 +322,54 @@ def length_summary(lengths: list[int], max_seq_length: int) -> dict:
             "over_max_seq_length": sum(1 for x in lengths if x > max_seq_length)}
 
 
+@dataclass(frozen=True)
+class Length:
+    """Token counts of one rendered sample."""
+
+    where: str   # "file:line" of its source row
+    prompt: int  # persona + question + the assistant header: what the loss masks out
+    total: int   # the whole sample
+
+
+def check_answer_room(lengths: dict[str, list[Length]], max_seq_length: int) -> list[str]:
+    """Stop when a train or valid sample would keep no answer token once cut to max_seq_length;
+    return warnings for the samples that are merely truncated (and for test prompts that fill it).
+
+    Training keeps the first max_seq_length tokens and trains on the answer tokens among them:
+    a prompt of max_seq_length tokens or more leaves none. A validation batch of such samples
+    has a loss of 0/0 = nan, which used to stop training minutes later; a training batch of
+    them teaches nothing. (Evaluation generates from the prompt and never cuts it.)
+    """
+    full = {name: [x for x in split_lengths if x.prompt >= max_seq_length]
+            for name, split_lengths in lengths.items()}
+    cut = {name: [x for x in split_lengths if x.prompt < max_seq_length < x.total]
+           for name, split_lengths in lengths.items()}
+    counts = lambda by_split: ", ".join(f"{name} {len(xs)}" for name, xs in by_split.items())
+    longest_prompt = max((x for xs in full.values() for x in xs), key=lambda x: x.prompt, default=None)
+    longest = max(x.total for xs in lengths.values() for x in xs) if lengths else 0
+    warnings = []
+    if longest_prompt:
+        n = sum(map(len, full.values()))
+        text = (f"{n} sample{'s' * (n != 1)} would keep no answer token at train.max_seq_length="
+                f"{max_seq_length} ({counts(full)}): the persona and the question alone fill it "
+                f"(e.g. {longest_prompt.where}: {longest_prompt.prompt} prompt tokens). Raise "
+                f"train.max_seq_length to at least {longest_prompt.prompt + 1} (the longest such "
+                f"prompt + 1 answer token; {longest} keeps every sample whole), or shorten "
+                "data.system_prompt")
+        if full["train"] or full["valid"]:
+            raise DataError([text], header="prompts fill train.max_seq_length")
+        warnings.append(f"{n} test sample{'s' * (n != 1)} ha{'ve' if n != 1 else 's'} a prompt of "
+                        f"train.max_seq_length={max_seq_length} tokens or more (e.g. "
+                        f"{longest_prompt.where}: {longest_prompt.prompt}); evaluation is unaffected, "
+                        "but the model never trained on prompts that long")
+    n = sum(map(len, cut.values()))
+    if n:
+        warnings.append(f"{n} sample{'s' * (n != 1)} longer than train.max_seq_length="
+                        f"{max_seq_length} ({counts(cut)}; longest {longest} tokens) will be "
+                        "truncated in training, keeping part of their answer")
+    return warnings
+
+
 def source_files(source: str | Path) -> list[Path]:
     """A dataset file, or every .jsonl/.json file of a folder (sorted, for a stable order)."""
     source = Path(source)
@@ -270,25 +382,45 @@ def source_files(source: str | Path) -> list[Path]:
     return [source]
 
 
-def download_hub_dataset(repo_id: str, revision: str | None, dest: Path) -> list[Path]:
-    """Fetch a Hugging Face dataset repo's data files (JSONL/JSON/Parquet) into ``dest``."""
-    if not revision:
-        raise DataError([f"data.hub_dataset {repo_id!r} needs data.hub_revision pinned to a "
-                         f"commit hash (see https://huggingface.co/datasets/{repo_id}/commits/main)"],
-                        header="unpinned hub dataset")
-    from huggingface_hub import snapshot_download
+def _hub_unavailable(repo_id: str, err: Exception) -> DataError:
+    return DataError([f"could not download dataset {repo_id!r} ({type(err).__name__}: {err}). "
+                      "Offline? Download it elsewhere, then set data.source to the local "
+                      "JSONL file and data.hub_dataset to null"], header="hub dataset unavailable")
+
+
+def is_commit_sha(revision: str | None) -> bool:
+    """A full commit hash: the only revision that names the same files forever (a branch
+    moves, and the hub API refuses the short shas its web pages show)."""
+    return bool(revision) and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
+def download_hub_dataset(repo_id: str, revision: str | None, dest: Path) -> tuple[list[Path], dict]:
+    """Fetch a Hugging Face dataset repo's data files (JSONL/JSON/Parquet) into ``dest``.
+
+    An unpinned ``revision`` (a branch or tag such as ``main``, or None) is resolved to its
+    commit sha first, with a warning, and exactly that sha is downloaded. Returns the files and
+    the record of what was read: hub_dataset, requested_revision, commit_sha.
+    """
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    print(f"downloading dataset {repo_id}@{revision} from the Hugging Face hub ...")
+    sha = revision
+    if not is_commit_sha(revision):
+        try:
+            sha = HfApi().dataset_info(repo_id, revision=revision).sha
+        except (HfHubHTTPError, OSError) as err:
+            raise _hub_unavailable(repo_id, err)
+        print(f"warning: data.hub_revision is unpinned ({revision!r}): dataset {repo_id} resolved "
+              f"to commit {sha}; to rerun on exactly these data, set data.hub_revision: {sha}",
+              file=sys.stderr)
+    print(f"downloading dataset {repo_id}@{sha} from the Hugging Face hub ...")
     try:
-        snapshot_download(repo_id, repo_type="dataset", revision=revision, local_dir=dest,
+        snapshot_download(repo_id, repo_type="dataset", revision=sha, local_dir=dest,
                           allow_patterns=["*.jsonl", "*.json", "*.parquet"])
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise DataError([f"could not download dataset {repo_id!r} ({type(err).__name__}: {err}). "
-                         "Offline? Download it elsewhere, then set data.source to the local "
-                         "JSONL file and data.hub_dataset to null"], header="hub dataset unavailable")
+        raise _hub_unavailable(repo_id, err)
     files = sorted(p for p in Path(dest).rglob("*")
                    if p.suffix in (".jsonl", ".json", ".parquet") and ".cache" not in p.parts)
     if not files:
-        raise DataError([f"dataset {repo_id!r} has no JSONL, JSON or Parquet files"])
-    return files
+        raise DataError([f"dataset {repo_id!r} at commit {sha} has no JSONL, JSON or Parquet files"])
+    return files, {"hub_dataset": repo_id, "requested_revision": revision, "commit_sha": sha}
