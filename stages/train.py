@@ -5,6 +5,11 @@
 Killed mid-run? Run it again (or `dvc repro`): it resumes from the last checkpoint in
 models/.train-checkpoint and ends with the same best adapter as an uninterrupted run.
 
+Outputs change only when a run succeeds, and then each at once (written aside, moved into
+place): a failed or killed run leaves models/adapters, metrics/train.json and dvclive/train
+as the last good run wrote them. Until then the best adapter and the DVCLive logs live in
+the checkpoint folder.
+
 Several machines (or processes): `make train-distributed HOSTS=hosts.json` runs this script
 under `mlx.launch` (see voicetune/distributed.py); rank 0 writes every output.
 """
@@ -20,13 +25,16 @@ from voicetune import blas, estimate
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.lora import LoRAConfigError, apply_lora, parameter_counts
 from voicetune.params import load_params
-from voicetune.training import Checkpoint, TrainConfig, TrainingError, fingerprint, train
+from voicetune.training import Checkpoint, TrainConfig, TrainingError, run_fingerprint, train
 
 import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
 from dvclive import Live  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+# recorded in metrics/train.json and the checkpoint's history, but constant: not plotted
+NOT_PLOTTED = {"step", "val_samples", "val_tokens"}
 
 
 def main() -> int:
@@ -68,41 +76,41 @@ def main() -> int:
         estimate.report_before_training(args.model, lora_p, train_p, trainable, longest,
                                         dtype_bytes=4 if mx.default_device() == mx.cpu else None)
 
-    weights = [(f.name, f.stat().st_size) for f in sorted(Path(args.model).glob("*.safetensors"))]
-    checkpoint = Checkpoint(args.checkpoint, fingerprint(
-        lora_p, train_p, weights, Path(args.model) / "config.json",
-        Path(args.data) / "train.jsonl", Path(args.data) / "valid.jsonl"))
-
-    live = Live(args.live_dir, resume=False, save_dvc_exp=False, dvcyaml=False) if lead else None
+    # weights, tokenizer and chat template by content: a resumed run continues the same model
+    checkpoint = Checkpoint(args.checkpoint, run_fingerprint(lora_p, train_p, args.model, args.data))
+    staged_live = checkpoint.folder / "dvclive"  # becomes args.live_dir on success only
+    live = None
 
     def log(record: dict) -> None:
+        nonlocal live
+        if live is None:  # at the first record: after the checkpoint was loaded or discarded
+            shutil.rmtree(staged_live, ignore_errors=True)
+            live = Live(str(staged_live), resume=False, save_dvc_exp=False, dvcyaml=False)
         live.step = record["step"]
         for name, value in record.items():
-            if name != "step" and math.isfinite(value):
+            if name not in NOT_PLOTTED and math.isfinite(value):
                 live.log_metric(name, value)
 
-    failure = None
     with tqdm(total=cfg.iters, desc="train", unit="it", dynamic_ncols=True, disable=not lead) as bar:
         try:
             result = train(model, train_set, valid_set, cfg, checkpoint, log=log if lead else lambda record: None,
                            progress_bar=bar, group=group)
         except TrainingError as err:
-            failure, result = err, None
+            if not lead:
+                print(f"train (rank {group.rank()}): {err}", file=sys.stderr)
+                return 1
+            kept = (f"the best adapter so far is {checkpoint.best_file}" if checkpoint.best_file.exists()
+                    else "no adapter was saved")
+            raise TrainingError(f"{err}\nNothing was written: {args.out}, {args.metrics} and "
+                                f"{args.live_dir} are as the last successful run left them; {kept}; "
+                                f"this run's logs are in {staged_live}") from None
     if not lead:
-        if failure is not None:
-            print(f"train (rank {group.rank()}): {failure}", file=sys.stderr)
-        return 1 if failure is not None else 0
+        return 0
     live.end()
 
-    if not checkpoint.best_file.exists():
-        raise SystemExit(f"train: {failure}")
     with atomic_dir(args.out) as out:
         shutil.copyfile(checkpoint.best_file, out / "adapters.safetensors")
         write_json_atomic(out / "adapter_config.json", {**adapter_config, "model": args.model})
-    if failure is not None:
-        # the best adapter so far is in args.out; the run itself failed
-        print(f"train: {failure}", file=sys.stderr)
-        return 1
 
     summary = {
         "best_val_loss": result.best_val_loss,
@@ -120,8 +128,12 @@ def main() -> int:
         "seconds_per_iteration": result.train_seconds / max(1, result.stopped_at),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_memory_gb": round(result.peak_memory_gb, 3),
+        "val_samples": result.val_samples,
+        "val_tokens": result.val_tokens,
     }
     write_json_atomic(args.metrics, summary)
+    with atomic_dir(args.live_dir) as out:
+        shutil.copytree(staged_live, out, dirs_exist_ok=True)
     checkpoint.remove()  # finished: nothing stale is left to resume
     print(f"best val loss {result.best_val_loss:.4f} (ppl {summary['best_val_perplexity']:.2f}) at "
           f"iteration {result.best_iteration}; base model {result.base_val_loss:.4f} "

@@ -2,12 +2,16 @@
 import json
 import math
 
+import yaml
+
 import mlx.nn as nn
 import pytest
 from mlx_lm.utils import _get_classes
 
-from voicetune.bench import mlx_train_worker, training_flops_per_token
+from voicetune.bench import mlx_train_worker, portable_result, shown_path, training_flops_per_token
 from voicetune.estimate import linear_shapes
+
+from .conftest import ROOT
 
 PHI3 = {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32064,
@@ -47,3 +51,39 @@ def test_mlx_worker_trains(tiny_model_dir):
     assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["seconds_per_step"])
     assert math.isfinite(result["last_loss"]) and result["last_loss"] > 0
     assert result["peak_memory_gb"] > 0
+
+
+# ------------------------------------------------------------------ no machine paths committed
+MACHINE_PATHS = ("/work/", "/tmp/", "/root/", "/home/", "/Users/", "/private/", "/var/folders/")
+
+
+def strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from strings(k)
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_committed_results_hold_no_machine_paths():
+    files = sorted((ROOT / "metrics").glob("*.json")) + [ROOT / "dvc.lock"]
+    assert ROOT / "metrics/bench.json" in files
+    for f in files:
+        data = yaml.safe_load(f.read_text()) if f.suffix == ".lock" else json.loads(f.read_text())
+        found = [s for s in strings(data) if s.startswith(MACHINE_PATHS) or any(f" {p}" in s for p in MACHINE_PATHS)]
+        assert not found, f"{f.relative_to(ROOT)} holds this machine's paths: {found}"
+
+
+def test_bench_shows_paths_without_the_machine(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert shown_path("/work/main/.venv/lib/python3.11/site-packages/cmeel.prefix/lib/libopenblas.so.0") \
+        == "libopenblas.so.0"
+    assert shown_path(tmp_path / "models/base") == "models/base"
+    assert shown_path("models/base") == "models/base" and shown_path(None) is None
+    result = portable_result({"framework": "torch", "model": "/tmp/tmp_k416lp4/phi3-bench", "threads": 2},
+                             "phi3-random-512x8")
+    assert result == {"framework": "torch", "model": "phi3-random-512x8", "threads": 2}

@@ -1,6 +1,7 @@
 """Data-parallel training over 2 processes on 127.0.0.1 (mlx.launch, ring backend): the same
 losses as one process, only rank 0 writes, and a dead rank fails the run instead of hanging."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -23,21 +24,37 @@ def losses(folder, name):
         return {int(row["step"]): float(row[name]) for row in csv.DictReader(f, delimiter="\t")}
 
 
+def uneven_data(tiny_data_dir, out):
+    """33 train and 9 validation samples: in batches of 4 the last holds one row, so with 2
+    processes rank 1 gets none of it."""
+    out.mkdir()
+    test = (tiny_data_dir / "test.jsonl").read_text().splitlines(keepends=True)
+    for i, name in enumerate(("train", "valid")):
+        (out / f"{name}.jsonl").write_text((tiny_data_dir / f"{name}.jsonl").read_text() + test[i])
+    (out / "test.jsonl").write_text("".join(test[2:]))
+    return out
+
+
 def test_two_processes_match_one(tmp_path, tiny_model_dir, tiny_data_dir):
-    # dropout 0: with dropout each process draws the masks of its own rows
-    params = train_params(iters=6, batch_size=4, steps_per_eval=3, steps_per_report=1)
+    # dropout 0: with dropout each process draws the masks of its own rows. 9 iterations are
+    # one epoch of 33 samples, so the one-row batch is trained (and every validation has one)
+    data = uneven_data(tiny_data_dir, tmp_path / "data")
+    params = train_params(iters=9, batch_size=4, steps_per_eval=3, steps_per_report=1)
     params["lora"]["dropout"] = 0.0
-    single, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, name="single")
+    single, result = run_train(tmp_path, tiny_model_dir, data, params, name="single")
     assert result.returncode == 0, result.stderr
 
     folder = tmp_path / "dist"
     folder.mkdir()
     (folder / "params.yaml").write_text((single / "params.yaml").read_text())
     result = launch([str(ROOT / "stages/train.py"), "--params", str(folder / "params.yaml"),
-                     "--model", str(tiny_model_dir), "--data", str(tiny_data_dir),
+                     "--model", str(tiny_model_dir), "--data", str(data),
                      "--out", str(folder / "adapters"), "--metrics", str(folder / "train.json"),
                      "--live-dir", str(folder / "live"), "--checkpoint", str(folder / "checkpoint")])
     assert result.returncode == 0, result.stdout[-3000:]
+    summary = json.loads((folder / "train.json").read_text())
+    assert summary == {**summary, "val_samples": 9, "stopped_at": 9}
+    assert summary["val_tokens"] == json.loads((single / "train.json").read_text())["val_tokens"]
 
     for name in ("train_loss", "val_loss"):
         one, two = losses(single, name), losses(folder, name)

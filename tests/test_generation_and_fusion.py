@@ -30,6 +30,45 @@ def test_greedy_stops_at_end_of_turn_and_matches_sequential(base_model_dir):
     assert batched == generate_sequential(model, tokenizer, prompts, max_tokens=40)
 
 
+# different lengths (24 to 42 prompt tokens), more than one prefill batch of 8
+MANY_QUESTIONS = [
+    "Hi?", "Why reef early?", "Name a knot that holds when wet and tell me why it matters.",
+    "Tide or wind?", "What is the capital of France?", "Fog?",
+    "How long have you sailed the North Sea, captain, and what was your worst storm at sea?",
+    "Which ferry did you command, and for how many years did you run the Harwich crossing?",
+    "Tea or coffee?",
+]
+
+
+class RecordingTokenizer:
+    """The tokenizer, recording the token ids of every answer it decodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, []
+        self.eos_token_ids = tokenizer.eos_token_ids
+
+    def decode(self, tokens):
+        self.decoded.append(list(tokens))
+        return self.tokenizer.decode(tokens)
+
+
+def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
+    model, tokenizer = load(str(tiny_model_dir))
+    prompts = [prompt_tokens(tokenizer, [{"role": "system", "content": PERSONA}, {"role": "user", "content": q}])
+               for q in MANY_QUESTIONS]
+    assert len({len(p) for p in prompts}) >= 6
+    for penalty in (None, 1.5):
+        batched, sequential = RecordingTokenizer(tokenizer), RecordingTokenizer(tokenizer)
+        # batch_size 4: answers start as others finish (continuous batching), with padding
+        a = generate_batched(model, batched, prompts, max_tokens=16, batch_size=4, repetition_penalty=penalty)
+        b = generate_sequential(model, sequential, prompts, max_tokens=16, repetition_penalty=penalty)
+        assert batched.decoded == sequential.decoded, penalty  # token for token
+        assert a == b and len(a) == len(prompts)
+        assert len({tuple(t) for t in batched.decoded}) > 1  # not one answer for every prompt
+    assert generate_batched(model, tokenizer, prompts, max_tokens=16, repetition_penalty=1.5) != \
+        generate_batched(model, tokenizer, prompts, max_tokens=16)  # the penalty is applied
+
+
 def test_generation_is_deterministic_and_seeded(tiny_model_dir):
     model, tokenizer = load(str(tiny_model_dir))
     prompts = prompts_for(tokenizer)

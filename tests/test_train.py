@@ -3,11 +3,13 @@ non-finite losses, prompt masking. On a 2-layer random Llama with the real token
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import types
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,14 @@ import yaml
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 
 from voicetune.lora import LoRAConfigError, apply_lora, linear_module_names, parameter_counts
 from voicetune.training import (Checkpoint, EarlyStopping, Progress, TrainConfig, TrainingError,
-                                collate, masked_loss, train, validation_loss)
+                                collate, length_sorted_batches, masked_loss, train, train_batches,
+                                run_fingerprint, validation_loss, validation_stats)
 
 from .conftest import ROOT
 
@@ -33,18 +37,23 @@ def train_params(**train):
             "grad_checkpoint": False, "max_seq_length": 512, "mask_prompt": True, "seed": 3,
             "save_every": 10, "early_stopping": {"patience": 5, "min_delta": 0.001}}
     base.update(train)
-    return {"lora": {"rank": 4, "scale": 20.0, "dropout": 0.1, "keys": ATTENTION, "num_layers": -1},
-            "train": base}
+    # a whole params file (the schema wants every section): the project's, with these two
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return {**params, "train": base,
+            "lora": {"rank": 4, "scale": 20.0, "dropout": 0.1, "keys": ATTENTION, "num_layers": -1}}
+
+
+def stage_args(folder, model_dir, data_dir) -> list[str]:
+    return ["--params", str(folder / "params.yaml"), "--model", str(model_dir), "--data", str(data_dir),
+            "--out", str(folder / "adapters"), "--metrics", str(folder / "train.json"),
+            "--live-dir", str(folder / "live"), "--checkpoint", str(folder / "checkpoint")]
 
 
 def run_train(tmp_path, model_dir, data_dir, params, name="run", wait=True):
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, str(ROOT / "stages/train.py"), "--params", str(folder / "params.yaml"),
-           "--model", str(model_dir), "--data", str(data_dir), "--out", str(folder / "adapters"),
-           "--metrics", str(folder / "train.json"), "--live-dir", str(folder / "live"),
-           "--checkpoint", str(folder / "checkpoint")]
+    cmd = [sys.executable, str(ROOT / "stages/train.py"), *stage_args(folder, model_dir, data_dir)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if not wait:
         return folder, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -82,6 +91,16 @@ def test_lora_counts_and_layers(tiny_model_dir):
 
 
 # ------------------------------------------------------------------ early stopping
+def run_stopping(losses, patience, min_delta):
+    """Feed ``losses`` to an EarlyStopping; the number of evaluations it took to stop (None)."""
+    stop = EarlyStopping(patience=patience, min_delta=min_delta)
+    for i, loss in enumerate(losses):
+        stop.update(loss, i)
+        if stop.should_stop:
+            return stop, i
+    return stop, None
+
+
 def test_early_stopping_rule():
     stop = EarlyStopping(patience=2, min_delta=0.1)
     assert stop.update(3.0, 0) and not stop.should_stop
@@ -89,6 +108,67 @@ def test_early_stopping_rule():
     assert stop.bad_evals == 1 and stop.best_iter == 10
     assert not stop.update(3.5, 20) and stop.should_stop
     assert (stop.best_loss, stop.best_iter) == (2.95, 10)
+
+
+def test_early_stopping_measures_patience_from_the_last_significant_improvement():
+    # Keras/Lightning: small steps that add up to more than min_delta are an improvement.
+    # The old rule moved its reference on every small step and stopped this steady run.
+    steady = [1.0 - 0.0009 * i for i in range(12)]
+    stop, stopped = run_stopping(steady, patience=2, min_delta=0.001)
+    assert stopped is None and stop.bad_evals <= 1
+    assert (stop.best_loss, stop.best_iter) == (steady[-1], 11)
+    # 1.0, 0.9995, 0.999, 0.9985: the third is 0.0015 below the reference 1.0, a significant
+    # improvement that resets patience (the old rule stopped here with patience 3)
+    stop, stopped = run_stopping([1.0, 0.9995, 0.999, 0.9985], patience=3, min_delta=0.001)
+    assert stopped is None and stop.bad_evals == 0
+    assert (stop.reference, stop.best_loss, stop.best_iter) == (0.9985, 0.9985, 3)
+    # improving too little to count: stops after `patience` evaluations, and the best kept
+    # is still the lowest loss (0.9993), not the reference (1.0)
+    stop, stopped = run_stopping([1.0, 0.9995, 0.9993, 0.9991], patience=2, min_delta=0.001)
+    assert stopped == 2 and stop.reference == 1.0
+    assert (stop.best_loss, stop.best_iter) == (0.9993, 2)
+
+
+def test_early_stopping_state_survives_a_checkpoint(tmp_path):
+    stop, _ = run_stopping([1.0, 0.9995, 0.9993], patience=5, min_delta=0.001)
+    Checkpoint(tmp_path, "fp").save(Progress(iteration=3, stopping=asdict(stop)), {"model.w": mx.array([1])})
+    restored = EarlyStopping(**Checkpoint(tmp_path, "fp").load()[0].stopping)
+    assert restored == stop and (restored.reference, restored.best_loss, restored.bad_evals) == (1.0, 0.9993, 2)
+
+
+# ------------------------------------------------------------------ batches: every sample
+def test_validation_and_epochs_use_every_sample(tiny_model_dir, tiny_data_dir):
+    model, _, train_set, valid_set = datasets(tiny_model_dir, tiny_data_dir)
+    batches = length_sorted_batches(valid_set, 3)  # 8 samples: 3 + 3 + 2
+    assert sorted(i for b in batches for i in b) == list(range(8)) and len(batches[-1]) == 2
+    # the validation loss is the mean over the tokens of every sample
+    per_sample = [masked_loss(model, *collate(valid_set, [i], 512)) for i in range(8)]
+    tokens = sum(n.item() for _, n in per_sample)
+    expected = sum(loss.item() * n.item() for loss, n in per_sample) / tokens
+    assert validation_loss(model, valid_set, 3, 512) == pytest.approx(expected, rel=1e-5)
+    stats = validation_stats(model, valid_set, 3, 512)
+    assert (stats.samples, stats.tokens) == (8, tokens)
+    # an epoch trains on each of the 32 samples once: 6 batches of 5 and one of 2
+    epoch = [next(it) for it in [train_batches(train_set, 5, 512, seed=0)] for _ in range(7)]
+    assert sorted(b.tokens.shape[0] for b in epoch) == [2, 5, 5, 5, 5, 5, 5]
+    assert sum(b.target_weight.sum().item() for b in epoch) == \
+        sum(collate(train_set, [i], 512).target_weight.sum().item() for i in range(32))
+
+
+def test_a_process_without_rows_trains_nothing(tiny_model_dir, tiny_data_dir):
+    # 33 samples, batches of 4 over 2 processes: the last batch has one row, for rank 0 only;
+    # rank 1 gets a batch that trains nothing, so it can still join the collective step
+    model, _, train_set, _ = datasets(tiny_model_dir, tiny_data_dir)
+    subset = [train_set[i] for i in range(32)] + [train_set[0]]
+    per_rank = [[next(it) for _ in range(9)] for it in
+                (train_batches(subset, 4, 512, seed=1, rank=r, size=2) for r in (0, 1))]
+    rows = [[b.tokens.shape[0] if b.target_weight.sum().item() else 0 for b in r] for r in per_rank]
+    assert sum(rows[0]) + sum(rows[1]) == 33 and sorted(rows[1])[0] == 0
+    empty = per_rank[1][rows[1].index(0)]
+    loss, ntoks = masked_loss(model, *empty)
+    assert (loss.item(), ntoks.item(), empty.lengths[:, 1].sum().item()) == (0.0, 0, 0)
+    grads = nn.value_and_grad(model, masked_loss)(model, *empty)[1]
+    assert all(mx.all(g == 0).item() for _, g in tree_flatten(grads))
 
 
 def test_early_stop_keeps_the_best_adapter(tmp_path, tiny_model_dir, tiny_data_dir):
@@ -214,3 +294,96 @@ def test_trained_adapter_loads_in_mlx_lm(tmp_path, tiny_model_dir, tiny_data_dir
     # rank 4 on q (64->64), k and v (64->32: 2 kv heads of 16), o (64->64), in 2 layers
     assert summary["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))
     assert summary["stop_reason"] == "iters_done" and summary["stopped_at"] == 6
+
+
+# ------------------------------------------------------------------ what a checkpoint belongs to
+def test_checkpoint_of_another_model_or_template_is_not_resumed(tmp_path, tiny_model_dir, tiny_data_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    params = train_params()
+    fp = run_fingerprint(params["lora"], params["train"], model, tiny_data_dir)
+    Checkpoint(tmp_path / "ckpt", fp).save(Progress(iteration=7), {"model.w": mx.array([1, 2])})
+    assert run_fingerprint(params["lora"], params["train"], model, tiny_data_dir) == fp
+
+    def resumable() -> bool:
+        return Checkpoint(tmp_path / "ckpt", run_fingerprint(
+            params["lora"], params["train"], model, tiny_data_dir)).load() is not None
+
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    changed = bytearray(original)
+    changed[-1] ^= 1  # one bit of the last weight: same size, same names
+    weights.write_bytes(bytes(changed))
+    assert not resumable()
+
+    weights.write_bytes(original)
+    Checkpoint(tmp_path / "ckpt", fp).save(Progress(iteration=7), {"model.w": mx.array([1, 2])})
+    assert resumable()
+    config = model / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings["chat_template"] = settings["chat_template"].replace("<|im_start|>", "<|im_start|> ", 1)
+    config.write_text(json.dumps(settings))
+    assert not resumable()
+
+
+# ------------------------------------------------------------------ outputs change only on success
+POISONED_STAGE = """
+import math, sys
+import voicetune  # before mlx: the fast BLAS
+import importlib.util
+from voicetune.errors import run_stage
+
+spec = importlib.util.spec_from_file_location("train_stage", sys.argv[1])
+stage = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stage)
+real_train = stage.train
+
+def poisoned_train(model, *args, log, **kwargs):
+    def poison(record):  # fault injection: after the validation at step 6 a LoRA weight turns NaN
+        log(record)
+        if record["step"] == 6 and "val_loss" in record:
+            q_proj = model.layers[0].self_attn.q_proj
+            q_proj.lora_a = q_proj.lora_a * math.nan
+    return real_train(model, *args, log=poison, **kwargs)
+
+stage.train = poisoned_train
+sys.argv = sys.argv[1:]
+run_stage("train", stage.main)
+"""
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    paths = [folder / "train.json", *(folder / "adapters").rglob("*"), *(folder / "live").rglob("*")]
+    return {str(p.relative_to(folder)): p.read_bytes() for p in paths if p.is_file()}
+
+
+def test_a_failed_run_leaves_the_last_outputs_untouched(tmp_path, tiny_model_dir, tiny_data_dir):
+    folder, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, train_params(iters=6, steps_per_eval=3))
+    assert result.returncode == 0, result.stderr
+    before = snapshot(folder)
+    assert {"train.json", "adapters/adapters.safetensors", "live/plots/metrics/val_loss.tsv"} <= before.keys()
+
+    # a longer run that fails: its training loss turns NaN at iteration 7
+    (folder / "params.yaml").write_text(yaml.safe_dump(train_params(iters=12, steps_per_eval=3)))
+    (tmp_path / "poisoned.py").write_text(POISONED_STAGE)
+    result = subprocess.run([sys.executable, str(tmp_path / "poisoned.py"), str(ROOT / "stages/train.py"),
+                             *stage_args(folder, tiny_model_dir, tiny_data_dir)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    best = folder / "checkpoint/best_adapters.safetensors"
+    assert result.returncode == 1, result.stderr
+    assert "train: training loss is nan at iteration 7" in result.stderr
+    assert f"the best adapter so far is {best}" in result.stderr and best.exists()
+    assert "Traceback" not in result.stderr
+    assert snapshot(folder) == before
+
+    # a run that succeeds replaces all three, the logs whole (no steps left from before)
+    _, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, train_params(iters=4, steps_per_eval=2))
+    assert result.returncode == 0, result.stderr
+    after = snapshot(folder)
+    assert after.keys() == before.keys()
+    assert all(after[k] != before[k] for k in ("train.json", "adapters/adapters.safetensors",
+                                               "live/plots/metrics/val_loss.tsv"))
+    steps = [line.split("\t")[0] for line in (folder / "live/plots/metrics/val_loss.tsv").read_text().splitlines()]
+    assert steps[1:] == ["0", "2", "4"]
+    assert json.loads((folder / "train.json").read_text())["stopped_at"] == 4
+    assert not (folder / "checkpoint").exists()

@@ -13,6 +13,9 @@ Ceiling: a LoRA step on a frozen base costs, per trained token, 2 FLOPs per base
 forward and 2 backward (input gradients; the frozen weights get none), plus the attention
 products and the small adapters; divided into the measured float32 matmul rate that gives
 the tokens/s no implementation can beat. efficiency = measured / ceiling.
+
+The report is committed, so it names files without this machine's paths: relative to the
+project, or by file name (``shown_path``), and models by their benchmark name.
 """
 from __future__ import annotations
 
@@ -148,6 +151,26 @@ def elementwise_rates() -> dict:
 
 
 # ---------------------------------------------------------------- orchestration
+def shown_path(path: str | Path | None) -> str | None:
+    """``path`` as a committed file may show it: relative to the working folder when inside
+    it, else its file name alone (an absolute path says where one machine kept things)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def portable_result(result: dict, model_name: str) -> dict:
+    """A worker's result with its model folder (a temporary one, say) replaced by the
+    benchmark's name for the model."""
+    return {**result, "model": model_name} if "model" in result else result
+
+
 def _run_json(cmd: list[str]) -> tuple[dict | None, str]:
     """Run a worker process; (its JSON line, or None, and why)."""
     # PyTorch's OpenMP threads spin while waiting: on a busy 2-core machine that made 2 threads
@@ -202,7 +225,7 @@ def main(argv=None) -> None:
         return
 
     mlx_rate = blas.check()
-    machine = {"cpus": os.cpu_count(), "mlx_matmul_gflops": mlx_rate, "openblas": blas.loaded,
+    machine = {"cpus": os.cpu_count(), "mlx_matmul_gflops": mlx_rate, "openblas": shown_path(blas.loaded),
                **elementwise_rates()}
     common = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
               "--warmup", str(args.warmup)]
@@ -247,7 +270,7 @@ def main(argv=None) -> None:
                                       "--batch", str(args.gen_batch), "--threads", str(os.cpu_count()),
                                       *gen])
             if torch_gen:
-                entry["generate"]["torch"] = torch_gen
+                entry["generate"]["torch"] = portable_result(torch_gen, name)
             report["models"][name] = entry
     write_json_atomic(args.out, report)
     print_table(report)

@@ -68,12 +68,16 @@ def bootstrap_ci(differences, seed: int, resamples: int = 10_000, level: float =
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def compare(new: list[float], old: list[float], seed: int, tie: float = 1e-9) -> dict:
-    """Paired comparison of per-question scores: new vs old."""
+def compare(new: list[float], old: list[float], seed: int, tie: float = 1e-9,
+            lower_is_better: bool = False) -> dict:
+    """Paired comparison of per-question scores: new vs old. The difference is the
+    improvement: new - old, or old - new when ``lower_is_better`` (a distance); either way
+    positive means better, and ``relative_improvement`` is it over the old mean (None when
+    that mean is 0)."""
     new_a, old_a = np.asarray(new), np.asarray(old)
     if new_a.shape != old_a.shape:
         raise ValueError(f"cannot pair {len(new)} scores with {len(old)}")
-    diff = new_a - old_a
+    diff = old_a - new_a if lower_is_better else new_a - old_a
     low, high = bootstrap_ci(diff, seed)
     return {
         "mean_new": float(new_a.mean()), "mean_old": float(old_a.mean()),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .metrics import compare, score
 
 PAIRS = (("lora", "base"), ("fused", "base"), ("fused", "lora"))
@@ -23,9 +24,16 @@ def per_question(runs: dict[str, list[dict]]) -> dict[str, dict[str, list[float]
         values["length_gap"] = [abs(len(r["prediction"]) - len(r["reference"])) for r in rows]
         out[name] = values
     questions = {name: [r.get("question", r.get("prompt")) for r in rows] for name, rows in runs.items()}
-    first = next(iter(questions.values()))
-    if any(q != first for q in questions.values()):
-        raise ValueError("the evaluated runs did not answer the same questions in the same order")
+    first, first_questions = next(iter(questions.items()))
+    for name, qs in questions.items():
+        if len(qs) != len(first_questions):
+            raise UserError(f"{name} has {len(qs)} answers, {first} has {len(first_questions)}: "
+                            "rerun the evaluate stages on the same test split")
+        for i, (q, q0) in enumerate(zip(qs, first_questions)):
+            if q != q0:
+                raise UserError(f"{name}'s answer {i + 1} is to {q!r}, {first}'s to {q0!r}: the "
+                                "runs must answer the same questions in the same order; rerun "
+                                "the evaluate stages on the same test split")
     return out
 
 
@@ -37,10 +45,10 @@ def comparisons(values: dict[str, dict[str, list[float]]], seed: int) -> dict:
                 metric: compare(values[new][metric], values[old][metric], seed)
                 for metric in ("word_overlap", "rouge_l")
             }
-            # lower is better for the length gap: compare its negation
-            gap = compare([-x for x in values[new]["length_gap"]],
-                          [-x for x in values[old]["length_gap"]], seed)
-            result[f"{new}_vs_{old}"]["length_gap_reduction"] = gap
+            # lower is better for the length gap: the improvement is old gap - new gap,
+            # relative to the old gap (positive: the new answers are closer in length)
+            result[f"{new}_vs_{old}"]["length_gap_reduction"] = compare(
+                values[new]["length_gap"], values[old]["length_gap"], seed, lower_is_better=True)
     return result
 
 

@@ -5,6 +5,9 @@ Built from mlx-lm's pieces: its datasets (chat template + prompt masking), its `
 and its gradient checkpointing; its loss with one off-by-one fixed (``masked_loss``). The loop is ours because
 mlx-lm's cannot stop early, keeps the last weights and cannot resume its data order.
 
+Every sample counts: an epoch trains on every training sample once (its last batch may be
+partial) and a validation covers every validation sample; both record how many.
+
 Determinism: the batch order of epoch ``e`` depends only on (seed, e), validation always
 walks the same batches in the same order, and a checkpoint holds the adapter, the optimizer
 state, the MLX random key, the iteration and the early-stopping state, so a resumed run
@@ -27,7 +30,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.tuner.trainer import evaluate, grad_checkpoint
+from mlx_lm.tuner.trainer import grad_checkpoint
 
 from .errors import UserError
 from .files import write_json_atomic
@@ -82,24 +85,34 @@ def masked_loss(model, tokens: mx.array, lengths: mx.array, target_index: mx.arr
         steps = mx.arange(1, targets.shape[1] + 1)  # index of each target in the unshifted row
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
         ntoks = mask.sum()
-        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / ntoks
+        # max(.., 1): an empty batch (see ``empty_batch``) has loss 0 and zero gradients, not NaN
+        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / mx.maximum(ntoks, 1)
         return ce, ntoks
     hidden = model.model(inputs)
     hidden = hidden.reshape(-1, hidden.shape[-1])[target_index]
     logits = head(hidden)
     ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[target_index]).astype(mx.float32)
     ntoks = (target_weight > 0).sum()
-    return (ce * target_weight).sum() / ntoks, ntoks
+    return (ce * target_weight).sum() / mx.maximum(ntoks, 1), ntoks
 
 
 # ---------------------------------------------------------------- batches
 def length_sorted_batches(dataset, batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar token length (less padding), last partial
-    dropped. (mlx-lm's ``itemlen`` measures the raw record, 1 for a chat row, so the lengths
-    are the tokenized ones.)"""
+    """Indices grouped into batches of similar token length (less padding). Every sample is
+    in one batch: the last, partial one holds the longest samples, so dropping it would bias
+    validation towards short answers. (mlx-lm's ``itemlen`` measures the raw record, 1 for a
+    chat row, so the lengths are the tokenized ones.)"""
     lengths = [len(dataset[i][0]) for i in range(len(dataset))]
     order = sorted(range(len(dataset)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def empty_batch() -> Batch:
+    """A batch that trains nothing: one row of padding, every target weight 0. A process
+    gets it when a partial batch has fewer rows than there are processes, so that it still
+    joins the step's collective operations, with zero loss, tokens and gradients."""
+    return Batch(mx.zeros((1, PAD_MULTIPLE + 1), mx.int32), mx.array([[0, 0]], mx.int32),
+                 mx.zeros((PAD_MULTIPLE,), mx.int32), mx.zeros((PAD_MULTIPLE,), mx.float32))
 
 
 def collate(dataset, indices: list[int], max_seq_length: int) -> Batch:
@@ -139,42 +152,73 @@ def train_batches(dataset, batch_size: int, max_seq_length: int, seed: int,
     while True:
         epoch, pos = divmod(step, len(batches))
         rows = batches[epoch_order(len(batches), seed, epoch)[pos]][rank::size]
-        yield collate(dataset, rows, max_seq_length)
+        yield collate(dataset, rows, max_seq_length) if rows else empty_batch()
         step += 1
 
 
-def validation_batches(dataset, batch_size, max_seq_length, comm_group=None, **_):
-    """Fixed, unshuffled validation batches (drop-in for mlx-lm's ``iterate_batches`` in
-    ``evaluate``, which sums the results of all processes): the same numbers every time,
-    whatever happened before, and whatever the number of processes."""
-    rank, size = (comm_group.rank(), comm_group.size()) if comm_group else (0, 1)
+class Validation(NamedTuple):
+    loss: float    # mean cross-entropy over every trained token
+    samples: int   # samples covered (all processes together)
+    tokens: int    # trained tokens covered
+
+
+def validation_stats(model, dataset, batch_size: int, max_seq_length: int, num_batches: int = -1,
+                     progress: Callable | None = None, group=None) -> Validation:
+    """The loss over the whole ``dataset`` (or its first ``num_batches`` batches), in fixed,
+    unshuffled batches: the same numbers every time, whatever happened before, and whatever
+    the number of processes (each takes rows ``rank::size`` of every batch; the sums of all
+    processes are combined). Unlike mlx-lm's ``evaluate``, a process may get no rows of a
+    batch: it then adds nothing instead of 0/0."""
+    group = group or mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    model.eval()
     batches = length_sorted_batches(dataset, batch_size)
-    for i in epoch_order(len(batches), seed=0, epoch=0):
-        yield collate(dataset, batches[i][rank::size], max_seq_length)
+    order = epoch_order(len(batches), seed=0, epoch=0)
+    order = order if num_batches == -1 else order[:num_batches]
+    loss_sum, tokens, samples = mx.array(0.0), mx.array(0), 0
+    for i in order:
+        rows = batches[i][rank::size]
+        if rows:
+            loss, ntoks = masked_loss(model, *collate(dataset, rows, max_seq_length))
+            loss_sum, tokens = loss_sum + loss * ntoks, tokens + ntoks
+            mx.eval(loss_sum, tokens)
+        samples += len(batches[i])  # the whole batch, counted the same on every process
+        if progress is not None:
+            progress()
+    if size > 1:
+        loss_sum = mx.distributed.all_sum(loss_sum, group=group, stream=mx.cpu)
+        tokens = mx.distributed.all_sum(tokens, group=group, stream=mx.cpu)
+    return Validation((loss_sum / tokens).item(), samples, tokens.item())
 
 
 def validation_loss(model, dataset, batch_size: int, max_seq_length: int, num_batches: int = -1,
                     progress: Callable | None = None) -> float:
-    return evaluate(model, dataset, batch_size, num_batches, max_seq_length=max_seq_length,
-                    loss=masked_loss, iterate_batches=validation_batches,
-                    progress_callback=progress)
+    return validation_stats(model, dataset, batch_size, max_seq_length, num_batches, progress).loss
 
 
 # ---------------------------------------------------------------- early stopping
 @dataclass
 class EarlyStopping:
-    """Stop after ``patience`` consecutive evaluations without an improvement of at least
-    ``min_delta`` over the best loss; the best (lowest) loss and its iteration are kept."""
+    """Stop after ``patience`` consecutive evaluations without a significant improvement:
+    a loss below ``reference - min_delta``, where the reference is the loss of the last
+    significant improvement (Keras' and Lightning's rule). The reference moves only then, so
+    small steps that add up to more than ``min_delta`` count; moving it on every step would
+    stop a run that improves steadily by a little less than ``min_delta`` per evaluation.
+    Apart from that, the lowest loss and its iteration are kept: that is the adapter saved."""
 
     patience: int
     min_delta: float
     best_loss: float = math.inf
     best_iter: int = -1
     bad_evals: int = 0
+    reference: float = math.inf
 
     def update(self, loss: float, iteration: int) -> bool:
-        """Record an evaluation; return True if it is the new best."""
-        self.bad_evals = 0 if loss < self.best_loss - self.min_delta else self.bad_evals + 1
+        """Record an evaluation; return True if it is the new best (lowest) loss."""
+        if loss < self.reference - self.min_delta:
+            self.reference, self.bad_evals = loss, 0
+        else:
+            self.bad_evals += 1
         if loss < self.best_loss:
             self.best_loss, self.best_iter = loss, iteration
             return True
@@ -229,9 +273,10 @@ class Progress:
 
 
 class Checkpoint:
-    """A folder outside the stage's outputs (DVC deletes outputs before a run) holding the
-    latest state and the best adapter. Written atomically; tagged with a fingerprint of
-    everything that determines the run, so a run with other params never resumes it."""
+    """A folder outside the stage's outputs holding the latest state and the best adapter
+    (and, in the train stage, the DVCLive logs until the run succeeds). Written atomically;
+    tagged with a fingerprint of everything that determines the run (``run_fingerprint``),
+    so a run with other params, data or model never resumes it."""
 
     def __init__(self, folder: str | Path, fingerprint: str):
         self.folder, self.fingerprint = Path(folder), fingerprint
@@ -272,18 +317,42 @@ class Checkpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# Part of every fingerprint: bump it when the meaning of a checkpoint's contents changes
+# (2: early stopping's ``reference``), so that no run resumes a checkpoint it misreads.
+CHECKPOINT_FORMAT = 2
+
+
 def fingerprint(*parts) -> str:
-    """Hash of params (JSON-able values) and files that determine a training run."""
+    """Hash of params (JSON-able values) and files (their name and whole contents, streamed)."""
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, Path):
-            h.update(part.name.encode())
+            h.update(b"file\0" + part.name.encode() + b"\0")
             with open(part, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
         else:
-            h.update(json.dumps(part, sort_keys=True).encode())
+            h.update(b"json\0" + json.dumps(part, sort_keys=True).encode())
+        h.update(b"\0")
     return h.hexdigest()
+
+
+def model_files(model_dir: str | Path) -> list[Path]:
+    """The files of a model folder that a checkpoint depends on: every non-hidden file, so
+    the weights, config.json, the tokenizer and the chat template (tokenizer_config.json,
+    chat_template.jinja) are all covered by content, whatever the model ships."""
+    root = Path(model_dir)
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def run_fingerprint(lora: dict, train: dict, model_dir: str | Path, data_dir: str | Path) -> str:
+    """The fingerprint of a training run: params, every model file's contents (a changed
+    byte of the weights or of the chat template is another run), and the data it reads."""
+    root, data = Path(model_dir), Path(data_dir)
+    return fingerprint(CHECKPOINT_FORMAT, lora, train,
+                       *[x for p in model_files(root) for x in (p.relative_to(root).as_posix(), p)],
+                       data / "train.jsonl", data / "valid.jsonl")
 
 
 def _state_tensors(model, optimizer) -> dict[str, mx.array]:
@@ -368,6 +437,8 @@ class TrainResult:
     train_seconds: float
     peak_memory_gb: float
     tokens_per_second: float
+    val_samples: int   # what each validation covered
+    val_tokens: int
 
 
 def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
@@ -416,10 +487,12 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
         log(entry)
 
     def validate(iteration: int) -> float:
-        loss = validation_loss(model, valid_set, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
+        loss, samples, tokens = validation_stats(model, valid_set, cfg.batch_size, cfg.max_seq_length,
+                                                 cfg.val_batches, group=group)
         model.train()
         entry = {"step": iteration, "val_loss": loss,
-                 "val_perplexity": math.exp(loss) if loss < 50 else math.inf}
+                 "val_perplexity": math.exp(loss) if loss < 50 else math.inf,
+                 "val_samples": samples, "val_tokens": tokens}
         record(entry)
         if not math.isfinite(loss):
             raise TrainingError(f"validation loss is {loss} at iteration {iteration}")
@@ -452,7 +525,7 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
             raise TrainingError(
                 f"training loss is {loss_value} at iteration {iteration}; the best adapter so "
                 f"far (iteration {stopping.best_iter}, val loss {stopping.best_loss:.4f}) is "
-                "kept. Lower train.learning_rate or check the data")
+                f"kept in {checkpoint.best_file}. Lower train.learning_rate or check the data")
         progress.train_seconds += elapsed
         window["steps"] += 1
         window["loss"] += loss_value
@@ -484,6 +557,7 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
             checkpoint.save(progress, _state_tensors(model, optimizer))
 
     train_records = [r for r in progress.history if "tokens_per_second" in r]
+    last_val = [r for r in progress.history if "val_loss" in r][-1]
     return TrainResult(
         best_val_loss=stopping.best_loss, best_iteration=stopping.best_iter,
         base_val_loss=base_val_loss, stopped_at=iteration, stop_reason=stop_reason,
@@ -491,4 +565,5 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
         train_seconds=progress.train_seconds, peak_memory_gb=mx.get_peak_memory() / 1e9,
         tokens_per_second=float(np.median([r["tokens_per_second"] for r in train_records]))
         if train_records else 0.0,
+        val_samples=last_val.get("val_samples", 0), val_tokens=last_val.get("val_tokens", 0),
     )
