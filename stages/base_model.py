@@ -1,6 +1,9 @@
 """Stage base_model: resolve params.model.source into models/base/ (an HF-format folder).
 
     python stages/base_model.py            # reads params.yaml (model section)
+
+models/base/source.json records where the weights came from; for a hub repo, the full commit
+sha that was downloaded (a branch or tag in model.revision is resolved to one, with a warning).
 """
 import argparse
 import json
@@ -20,9 +23,9 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params(args.params)["model"]
 
-    template = base_model.read_chat_template_param(p.get("chat_template"))
+    template = base_model.read_chat_template_param(p["chat_template"])
     with atomic_dir(args.out) as out:
-        base_model.materialize(str(p["source"]), p.get("revision"), out)
+        record = base_model.materialize(p["source"], p["revision"], out)
         if template is not None:
             base_model.override_chat_template(out, template)
         from mlx_lm.utils import load_tokenizer
@@ -35,7 +38,8 @@ def main() -> None:
     config = json.loads((Path(args.out) / "config.json").read_text())
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(
-        f"base model: {p['source']} -> {args.out} ({config['model_type']}, "
+        f"base model: {p['source']}{'@' + record['commit_sha'] if record['commit_sha'] else ''}"
+        f" -> {args.out} ({config['model_type']}, "
         f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
         f"{size / 2**20:.0f} MiB of weights); end of turn {eot!r}, stop ids {eos_ids}"
     )

