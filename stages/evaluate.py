@@ -17,6 +17,7 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import blas  # before mlx: a fast BLAS on Linux
+from voicetune.environment import versions
 from voicetune.files import write_json_atomic, write_text_atomic
 from voicetune.fusion import load_float32
 from voicetune.generation import generate_batched, prompt_tokens
@@ -39,8 +40,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="predictions JSONL (default data/eval/<model>.jsonl)")
     ap.add_argument("--metrics", default=None, help="default metrics/eval_<model>.json")
     args = ap.parse_args()
+    p = load_params(args.params)["eval"]  # validates all of params.yaml, before any work
     blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
-    p = load_params(args.params)["eval"]
     out = Path(args.out or f"data/eval/{args.model}.jsonl")
     metrics_path = Path(args.metrics or f"metrics/eval_{args.model}.json")
 
@@ -66,14 +67,16 @@ def main() -> int:
     records = [{"prompt": tokenizer.decode(prompt), "question": row["messages"][-2]["content"],
                 "reference": row["messages"][-1]["content"], **answer}
                for prompt, row, answer in zip(prompts, rows, answers)]
-    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     summary, _ = score(records)
     summary.update({
         "reference_loss": loss, "reference_perplexity": math.exp(loss),
         "temperature": p["temperature"], "seed": p["seed"] if p["temperature"] > 0 else None,
         "repetition_penalty": p.get("repetition_penalty"),
         "max_tokens": p["max_tokens"], "generated_tokens": sum(a["tokens"] for a in answers),
+        "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     })  # no timings here: two runs must give identical metrics (speed: python -m voicetune.bench_generation)
+    # both outputs are replaced at the very end: a failure above keeps the last good pair
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json_atomic(metrics_path, summary)
     print(f"{args.model}: word overlap {summary['word_overlap']['mean']:.4f} ± "
           f"{summary['word_overlap']['std']:.4f}, ROUGE-L {summary['rouge_l']['mean']:.4f}, "

@@ -30,8 +30,8 @@ def main() -> int:
     ap.add_argument("--out", default="models/fused")
     ap.add_argument("--metrics", default="metrics/fuse.json")
     args = ap.parse_args()
+    p = load_params(args.params)["fuse"]  # validates all of params.yaml, before any work
     blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
-    p = load_params(args.params)["fuse"]
 
     tokenizer = load_tokenizer(Path(args.base))
     rows = [json.loads(line) for line in open(args.test, encoding="utf-8")][: p["verify_prompts"]]
@@ -42,9 +42,9 @@ def main() -> int:
         print(f"verifying on {len(prompts)} test prompts ...")
         report = verify(Path(args.base), Path(args.adapters), out, prompts,
                         p["logit_tolerance"], p["verify_max_tokens"])
-        write_json_atomic(args.metrics, report)
-        if not report["ok"]:
+        if not report["ok"]:  # the last good models/fused and metrics/fuse.json stay
             raise FusionError("fused model rejected:\n  " + "\n  ".join(report["problems"]))
+    write_json_atomic(args.metrics, report)
     print(f"fused model in {args.out}: max |logit| difference vs base+adapters "
           f"{report['max_abs_logit_diff_fused_vs_lora']:.2e} (tolerance {p['logit_tolerance']:.0e}), "
           f"vs base {report['max_abs_logit_diff_fused_vs_base']:.2e}; greedy answers identical "

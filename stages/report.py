@@ -8,7 +8,7 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import report
-from voicetune.files import write_json_atomic, write_text_atomic
+from voicetune.files import atomic_dir, write_json_atomic, write_text_atomic
 from voicetune.metrics import read_predictions
 from voicetune.params import load_params
 
@@ -28,10 +28,12 @@ def main() -> None:
     summaries = {name: read_json(Path(f"metrics/eval_{name}.json")) for name in args.models}
     values = report.per_question(runs)
     comps = report.comparisons(values, seed=p["seed"])
-    plots = report.plot_all(values, runs, Path("dvclive/train"), Path("metrics/plots"))
-    text = report.markdown(summaries, comps, read_json(Path("metrics/train.json")),
-                           read_json(Path("metrics/fuse.json")), runs, p["report_examples"],
-                           p["seed"], [f"plots/{f.name}" for f in plots])
+    # everything is computed before any output is replaced: a failure keeps the last report
+    with atomic_dir("metrics/plots") as plot_dir:
+        plots = report.plot_all(values, runs, Path("dvclive/train"), plot_dir)
+        text = report.markdown(summaries, comps, read_json(Path("metrics/train.json")),
+                               read_json(Path("metrics/fuse.json")), runs, p["report_examples"],
+                               p["seed"], [f"plots/{f.name}" for f in plots])
     write_json_atomic("metrics/compare.json", comps)
     write_text_atomic("metrics/report.md", text)
     for pair, metrics in comps.items():

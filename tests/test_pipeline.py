@@ -3,26 +3,53 @@ only what a param change touches. The embedded model runs base_model and prepare
 runs on a 2-layer random model (training the embedded one takes half an hour on 2 cores)."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from .conftest import ROOT
+from .test_dvc_graph import assert_reads_covered, read_audit_env, stages
 
 SKIP = {".git", ".venv", "models", "processed", "cache", "tmp", "dvclive", "__pycache__",
         ".pytest_cache"}
 
 
-def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+def dvc_env(env: dict | None = None) -> dict:
+    env = dict(os.environ if env is None else env)
+    return dict(env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+
+
+def dvc(project: Path, *args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(env),
                             capture_output=True, text=True)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    if ok:
+        assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def ran(stdout: str) -> set[str]:
+    """The stages a `dvc repro` ran (model_source runs every time: it is always_changed)."""
+    return set(re.findall(r"Running stage '([^']+)'", stdout)) - {"model_source"}
+
+
+def outputs(project: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file of every stage output (but the ``skip`` stages'), by path: the workspace's
+    last good state."""
+    files = {}
+    for name, stage in stages(project).items():
+        if name in skip:
+            continue
+        for out in stage["outs"]:
+            for f in ([out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file())):
+                files[f.relative_to(project).as_posix()] = f.read_bytes()
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +85,7 @@ def test_repro_then_up_to_date_then_only_prepare_reruns(project):
     assert (project / "dvc.lock").exists()
 
     again = dvc(project, "repro", "prepare")
-    assert "Running stage" not in again.stdout and "up to date" in again.stdout
+    assert not ran(again.stdout) and "didn't change" in again.stdout
 
     set_param(project, "data", "seed", 1234)
     changed = dvc(project, "repro", "prepare")
@@ -93,8 +120,10 @@ def make_tiny_project(dest: Path, model_dir: Path) -> Path:
     return dest
 
 
-def test_full_pipeline_on_a_tiny_model(tiny_project):
-    dvc(tiny_project, "repro")
+def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
+    # every Python process logs the project files it reads: each stage read only its deps
+    dvc(tiny_project, "repro", env=read_audit_env(tiny_project, tmp_path / "reads"))
+    assert_reads_covered(tiny_project, tmp_path / "reads")
     report = (tiny_project / "metrics/report.md").read_text()
     assert "| base |" in report and "| lora |" in report and "| fused |" in report
     for name in ("loss", "overlap", "lengths"):
@@ -128,3 +157,101 @@ def test_full_pipeline_on_a_tiny_model(tiny_project):
     retrained = dvc(tiny_project, "repro").stdout
     assert "Running stage 'train'" in retrained and "Running stage 'fuse'" in retrained
     assert "Running stage 'prepare'" not in retrained and "Running stage 'base_model'" not in retrained
+
+
+def test_editing_a_local_model_folder_reruns_base_model(tmp_path, tiny_model_dir):
+    """model.source is a string: the model_source stage turns a local folder's content into a
+    dep of base_model, and leaves it up to date while the bytes stay the same."""
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    project = make_tiny_project(tmp_path / "repo", model)
+    assert ran(dvc(project, "repro", "base_model").stdout) == {"base_model"}
+
+    os.utime(model / "config.json")  # a new mtime, the same bytes
+    noop = dvc(project, "repro", "base_model").stdout
+    assert "Running stage 'model_source'" in noop and not ran(noop)
+
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "top_k": 7}))
+    assert ran(dvc(project, "repro", "base_model").stdout) == {"base_model"}
+    assert json.loads((project / "models/base/generation_config.json").read_text())["top_k"] == 7
+    assert not ran(dvc(project, "repro", "base_model").stdout)
+
+
+def test_the_source_fingerprint_covers_every_file_base_model_copies(tmp_path, tiny_model_dir):
+    from voicetune.base_model import materialize
+    from voicetune.source import fingerprint
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    (model / ".hidden").write_text("not copied")
+    (model / "extra.txt").write_text("copied")
+    (tmp_path / "out").mkdir()
+    materialize(str(model), None, tmp_path / "out")
+    copied = {f.name for f in (tmp_path / "out").iterdir() if (model / f.name).is_file()}
+    assert "extra.txt" in copied and copied == set(fingerprint(str(model), None, {})["files"])
+
+
+def test_a_bad_data_row_keeps_the_last_good_outputs(tiny_project):
+    dvc(tiny_project, "repro")  # a no-op after test_full_pipeline_on_a_tiny_model
+    before = outputs(tiny_project)
+    source = tiny_project / "data/sample/small.jsonl"
+    good = source.read_text()
+    source.write_text(good + '{"conversation": [{"role": "user"}]}\n')
+    try:
+        failed = dvc(tiny_project, "repro", ok=False)
+        assert failed.returncode != 0 and "prepare: " in failed.stderr, failed.stderr
+        assert outputs(tiny_project) == before  # data/processed, metrics/data.json, downstream
+    finally:
+        source.write_text(good)
+    assert not ran(dvc(tiny_project, "repro").stdout)
+
+    # persisted outputs are still cached: dvc checkout restores them
+    shutil.rmtree(tiny_project / "data/processed")
+    shutil.rmtree(tiny_project / "models/adapters")
+    dvc(tiny_project, "checkout")
+    assert outputs(tiny_project) == before
+
+
+def train_process(dvc_process):
+    import psutil
+
+    for child in dvc_process.children(recursive=True):
+        try:
+            if "stages/train.py" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:  # gone, or a zombie, between listing and asking
+            continue
+    return None
+
+
+def test_a_killed_training_run_keeps_the_last_good_outputs_then_resumes(tiny_project):
+    import psutil
+
+    dvc(tiny_project, "repro")
+    # prepare reads train.iters too (for its epochs figure): it reruns, and may change
+    before = outputs(tiny_project, skip=("prepare",))
+    set_param(tiny_project, "train", "iters", 200)  # long enough to be killed mid-run
+    progress = tiny_project / "models/.train-checkpoint/progress.json"
+    progress.unlink(missing_ok=True)
+    run = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=tiny_project,
+                           env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        train = None
+        while run.poll() is None and time.monotonic() < deadline:
+            train = train or train_process(psutil.Process(run.pid))
+            if train is not None and progress.exists():  # a checkpoint is written: kill -9
+                train.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        output, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert train is not None and run.returncode != 0, output
+    assert "Running stage 'train'" in output
+    # models/adapters, metrics/train.json, dvclive/train, and everything downstream
+    assert outputs(tiny_project, skip=("prepare",)) == before
+
+    resumed = dvc(tiny_project, "repro").stdout
+    assert "Running stage 'train'" in resumed and "Running stage 'report'" in resumed
+    assert json.loads((tiny_project / "metrics/train.json").read_text())["resumed_from"]

@@ -59,6 +59,12 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+def copied_files(folder: Path) -> list[Path]:
+    """The files of a local model folder that ``materialize`` copies (and that the
+    ``model_source`` stage fingerprints)."""
+    return [f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")]
+
+
 def check_hf_folder(folder: Path) -> None:
     missing = []
     if not (folder / "config.json").is_file():
@@ -165,9 +171,8 @@ def materialize(source: str, revision: str | None, dest: Path) -> dict:
     elif Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
         check_hf_folder(folder)
-        for item in sorted(folder.iterdir()):
-            if item.is_file() and not item.name.startswith("."):
-                shutil.copy2(item, dest / item.name)
+        for item in copied_files(folder):
+            shutil.copy2(item, dest / item.name)
         # the path as given: an absolute one would make models/base differ between machines
         record = {"source": source, "requested_revision": revision, "commit_sha": None}
     elif _REPO_ID.match(source) and not Path(source).suffix:

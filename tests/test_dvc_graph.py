@@ -1,0 +1,214 @@
+"""dvc.yaml's deps are complete, checked two ways instead of remembered:
+- from the code: every project module a stage's script imports, transitively (ast), is a dep;
+- from a real run: every project file a stage process opened for reading is a dep, a param
+  file or one of its own outs (``read_audit_env`` + ``assert_reads_covered``, used by the
+  tiny end-to-end run in test_pipeline.py, so the pipeline runs once)."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+from .conftest import ROOT
+
+
+def stages(root: Path = ROOT) -> dict:
+    """Every stage of dvc.yaml as DVC itself resolves it (foreach expanded, ${} filled in)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {stage.name: {"cmd": stage.cmd,
+                             "deps": [Path(d.fs_path) for d in stage.deps],
+                             "params": [Path(p.fs_path) for p in stage.params],
+                             "outs": [Path(o.fs_path) for o in stage.outs]}
+                for stage in repo.index.stages}
+
+
+def script_of(cmd: str, root: Path = ROOT) -> Path:
+    scripts = [word for word in shlex.split(cmd) if word.endswith(".py")]
+    assert len(scripts) == 1, f"cannot find the one script of {cmd!r}"
+    return root / scripts[0]
+
+
+def module_file(name: str, root: Path) -> Path | None:
+    """The project file that defines the dotted module ``name``, if it is a project module."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_names(path: Path, root: Path) -> set[str]:
+    """Dotted names of every module ``path`` may import (at top level or inside functions),
+    with ``from package import name`` giving both ``package`` and ``package.name``."""
+    rel = path.relative_to(root).with_suffix("")
+    package = rel.parts[:-1]  # the package of pkg/a.py and of pkg/__init__.py is pkg
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package[: len(package) - (node.level - 1)]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            else:
+                base = node.module
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    # a module imports its parent packages' __init__ first
+    return {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
+
+
+def project_imports(script: Path, root: Path = ROOT) -> set[Path]:
+    """The script and every project module it imports, transitively."""
+    seen, todo = set(), [script]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_names(path, root):
+            found = module_file(name, root) or (module_file(name, script.parent)
+                                                if "." not in name else None)
+            if found is not None:
+                todo.append(found)
+    return seen
+
+
+def covered(path: Path, paths: list[Path]) -> bool:
+    """``path`` is one of ``paths`` or under one of them (a folder covers its contents)."""
+    return any(path == p or p in path.parents for p in paths)
+
+
+def test_module_graph_follows_every_kind_of_import(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "stages").mkdir()
+    files = {
+        "pkg/__init__.py": "from . import a as _a\n",
+        "pkg/a.py": "import os\n",
+        "pkg/b.py": "from .c import thing\n",
+        "pkg/c.py": "thing = 1\n",
+        "pkg/d.py": "def f():\n    from .e import g\n",
+        "pkg/e.py": "g = 1\n",
+        "pkg/unused.py": "",
+        "stages/s.py": "import yaml\nfrom pkg import b\nfrom pkg.d import f\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    found = {p.relative_to(tmp_path).as_posix() for p in project_imports(tmp_path / "stages/s.py", tmp_path)}
+    assert found == set(files) - {"pkg/unused.py"}
+
+
+def test_every_stage_depends_on_the_code_it_imports():
+    missing = {}
+    for name, stage in stages().items():
+        code = project_imports(script_of(stage["cmd"]))
+        lacking = sorted(p.relative_to(ROOT).as_posix() for p in code if not covered(p, stage["deps"]))
+        if lacking:
+            missing[name] = lacking
+    assert not missing, "dvc.yaml: stages miss deps on code they import:\n" + "\n".join(
+        f"  {name}: {', '.join(files)}" for name, files in missing.items())
+
+
+def test_evaluate_lora_depends_on_the_base_model_it_loads():
+    deps = stages()["evaluate@lora"]["deps"]
+    assert ROOT / "models/base" in deps and ROOT / "models/adapters" in deps
+
+
+# --- files really read, from a run -------------------------------------------------------
+
+SITECUSTOMIZE = '''
+import atexit, json, os, sys
+
+_LOG = os.environ["VOICETUNE_READ_LOG"]
+_ROOT = os.environ["VOICETUNE_READ_ROOT"]
+_reads = set()
+
+
+def _hook(event, args):
+    if event != "open" or not args or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path, mode, flags = (list(args) + [None, None])[:3]
+    if isinstance(mode, str):
+        reading = "r" in mode and "+" not in mode
+    else:  # os.open; a folder opened to list or remove it (shutil.rmtree) is no read
+        reading = isinstance(flags, int) and not flags & (os.O_WRONLY | os.O_RDWR | os.O_DIRECTORY)
+    if reading:
+        path = os.path.abspath(os.fsdecode(path))
+        # a file that is there (shutil.rmtree opens folders by relative name and dir_fd)
+        if path.startswith(_ROOT + os.sep) and os.path.isfile(path):
+            _reads.add(path)
+
+
+def _dump():
+    with open(os.path.join(_LOG, f"{os.getpid()}.json"), "w") as f:
+        json.dump({"argv": sys.argv, "reads": sorted(_reads)}, f)
+
+
+sys.addaudithook(_hook)
+atexit.register(_dump)
+'''
+
+# DVC's and git's own files (DVCLive reads .gitignore and .dvcignore), and code caches
+IGNORED = re.compile(r"(^|/)(\.dvc|\.git|__pycache__|site-packages|\.venv)(/|$)"
+                     r"|^\.(git|dvc)ignore$")
+# a temporary file or folder of voicetune.files' atomic writes stands for its target
+ATOMIC_TEMP = re.compile(r"^\.(.+)\.(tmp|old)-[^/]*$")
+# read on purpose without being deps: train's resume state (kept outside DVC, .dvcignore), and
+# model_source's cache of file hashes by size/mtime/inode (what DVC's own state cache does)
+NOT_DEPS = {"train": ["models/.train-checkpoint"], "model_source": ["models/.source-hashes.json"]}
+
+
+def read_audit_env(project: Path, log_dir: Path) -> dict:
+    """Environment for a `dvc repro` whose Python processes log the project files they read."""
+    site = log_dir / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, VOICETUNE_READ_LOG=str(log_dir),
+                VOICETUNE_READ_ROOT=str(project.resolve()))
+
+
+def stage_reads(project: Path, log_dir: Path) -> dict[str, set[Path]]:
+    """Files read per stage, from the logs of processes whose command is a stage's."""
+    by_cmd = {tuple(cmd): name for cmd, name in ((shlex.split(s["cmd"])[1:], n)
+                                                  for n, s in stages(project).items())}
+    reads: dict[str, set[Path]] = {}
+    for log in log_dir.glob("*.json"):
+        record = json.loads(log.read_text())
+        name = by_cmd.get(tuple(record["argv"]))
+        if name is not None:
+            reads.setdefault(name, set()).update(Path(p) for p in record["reads"])
+    return reads
+
+
+def normalized(path: Path, project: Path) -> Path | None:
+    rel = path.relative_to(project.resolve())
+    if IGNORED.search(rel.as_posix()):
+        return None
+    parts = [ATOMIC_TEMP.sub(r"\1", part) for part in rel.parts]
+    return project.resolve().joinpath(*parts)
+
+
+def assert_reads_covered(project: Path, log_dir: Path) -> None:
+    """Every project file a stage read is one of its deps, params files or outs."""
+    all_stages = stages(project)
+    reads = stage_reads(project, log_dir)
+    assert set(reads) == set(all_stages), f"no read log for {set(all_stages) - set(reads)}"
+    missing = {}
+    for name, files in reads.items():
+        stage = all_stages[name]
+        allowed = [*stage["deps"], *stage["params"], *stage["outs"],
+                   *(project.resolve() / p for p in NOT_DEPS.get(name, []))]
+        allowed = [p.resolve() for p in allowed]
+        lacking = sorted({n.relative_to(project.resolve()).as_posix() for n in
+                          (normalized(p, project) for p in files)
+                          if n is not None and not covered(n, allowed)})
+        if lacking:
+            missing[name] = lacking
+    assert not missing, "stages read files that are not their deps:\n" + "\n".join(
+        f"  {name}: {', '.join(files)}" for name, files in missing.items())
