@@ -56,10 +56,10 @@ lock:  ## update requirements.lock after changing pyproject.toml's dependencies
 	  --custom-compile-command "make lock" -o requirements.lock
 
 # The runs side by side: changed params, best validation loss, LoRA vs base with 95% CIs,
-# and the library versions where they differ.
-runs: setup  ## compare experiments and commits: the columns people compare, not all ~150
-	$(BIN)/dvc exp show --only-changed --drop '.*' --keep $(RUNS_COLUMNS) $(ARGS)
-RUNS_COLUMNS := '^(Experiment|Created|State|Executor)$$|^(model|data|lora|train|eval)\.|best_val_loss|best_iteration|lora_vs_base\.(word_overlap|rouge_l)\.(mean_difference|ci95_low|ci95_high)$$|environment\.'
+# and the library versions where they differ (`dvc exp show` prints ~150 columns).
+N ?= 1
+runs: setup  ## compare runs: make runs [N=5] (HEAD and N-1 commits before it, with experiments)
+	$(BIN)/python -m voicetune.runs -n $(N)
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive
