@@ -44,9 +44,7 @@ def main() -> None:
                         "`dvc repro base_model`, or pass --model a Hugging Face-format folder")
     tokenizer = load_tokenizer(Path(args.model))
     profile = profile_template(tokenizer)
-    system_prompt = p["system_prompt"]
-    if not isinstance(system_prompt, str) or not system_prompt.strip():
-        raise SystemExit("params.yaml: data.system_prompt must be a non-empty string (the persona)")
+    system_prompt = p["system_prompt"]  # the schema ensures a non-empty string
 
     with tempfile.TemporaryDirectory() as download_dir:
         if p.get("hub_dataset"):

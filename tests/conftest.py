@@ -28,6 +28,17 @@ def tokenizer(base_model_dir):
     return load_tokenizer(base_model_dir)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"iters": 40}}`` -> ``{"train.iters": 40}``."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def write_jsonl(path: Path, rows) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:

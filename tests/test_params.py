@@ -14,20 +14,10 @@ import yaml
 from voicetune.params import ParamsError, key_paths, load_params, validate
 from voicetune.recipe import RecipeError, apply, main as recipe_main
 
-from .conftest import ROOT
+from .conftest import ROOT, flatten as _flat
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 COMMITTED = yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def write(tmp_path, params: dict | str, name="params.yaml"):

@@ -7,7 +7,7 @@ import yaml
 
 from voicetune.recipe import RecipeError, apply, main
 
-from .conftest import ROOT
+from .conftest import ROOT, flatten as _flat
 
 RECIPES = ROOT / "recipes"
 
@@ -17,16 +17,6 @@ def params(tmp_path):
     path = tmp_path / "params.yaml"
     shutil.copyfile(ROOT / "params.yaml", path)
     return path
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_phi3_blog_changes_exactly_its_keys_and_keeps_comments(params):
