@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test clean recipe bench train-distributed lock runs
+.PHONY: setup repro test clean recipe bench train-distributed lock runs chat publish gguf
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
@@ -60,6 +60,14 @@ lock:  ## update requirements.lock after changing pyproject.toml's dependencies
 N ?= 1
 runs: setup  ## compare runs: make runs [N=5] (HEAD and N-1 commits before it, with experiments)
 	$(BIN)/python -m voicetune.runs -n $(N)
+
+# Upload to the Hugging Face hub with a model card from the run's metrics (refused when DVC
+# says they are stale). The token comes from `hf auth login` or HF_TOKEN, never from here.
+publish: setup  ## make publish REPO=user/name [WHAT=adapters|fused|gguf] [PRIVATE=1] [DRY_RUN=1] [LICENSE=id] [BASE_MODEL=owner/name] [OUT=dir]
+	@test -n "$(REPO)" || { echo "make publish needs REPO=user/name (DRY_RUN=1 to only build the folder)"; exit 2; }
+	$(BIN)/python -m voicetune.publish --repo $(REPO) --what $(or $(WHAT),adapters) \
+	  $(if $(filter 1,$(PRIVATE)),--private) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
+	  $(if $(LICENSE),--license $(LICENSE)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(OUT),--out $(OUT))
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive
