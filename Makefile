@@ -61,6 +61,11 @@ N ?= 1
 runs: setup  ## compare runs: make runs [N=5] (HEAD and N-1 commits before it, with experiments)
 	$(BIN)/python -m voicetune.runs -n $(N)
 
+# The fused model as a verified GGUF file (f16; `dvc exp run -S gguf.type=q8_0` for 8-bit)
+# with an Ollama Modelfile, for llama.cpp, Ollama and LM Studio: models/gguf/.
+gguf: setup  ## export models/fused to models/gguf/ (GGUF + Modelfile), verified against it
+	$(BIN)/dvc repro gguf
+
 # Upload to the Hugging Face hub with a model card from the run's metrics (refused when DVC
 # says they are stale). The token comes from `hf auth login` or HF_TOKEN, never from here.
 publish: setup  ## make publish REPO=user/name [WHAT=adapters|fused|gguf] [PRIVATE=1] [DRY_RUN=1] [LICENSE=id] [BASE_MODEL=owner/name] [OUT=dir]

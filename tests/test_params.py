@@ -286,3 +286,16 @@ def test_recipe_producing_an_invalid_value_is_refused_and_params_stays_identical
     assert f"{params}: lora.rank: got 0; expected an integer >= 1" in err
     assert f"{params}: data.valid_ratio + data.test_ratio: got 0.9 + 0.1 = 1.0" in err
     assert params.read_bytes() == original
+
+
+# ------------------------------------------------------------------ the gguf section
+@pytest.mark.parametrize("change,expected", [
+    (_set("gguf", "type", "q4_0"), ['params.yaml: gguf.type: got "q4_0"; expected one of f16, q8_0']),
+    (lambda p: p["gguf"]["logit_tolerance"].pop("q8_0"),
+     ["params.yaml: gguf.logit_tolerance.q8_0: missing (a number > 0)"]),
+    (lambda p: p["gguf"]["logit_tolerance"].update(q4_0=1.0),
+     ["params.yaml: gguf.logit_tolerance.q4_0: unknown key; did you mean gguf.logit_tolerance.q8_0?"]),
+    (_set("gguf", "verify_prompts", 0), ["params.yaml: gguf.verify_prompts: got 0; expected an integer >= 1"]),
+])
+def test_gguf_problems_are_one_line_each(tmp_path, monkeypatch, change, expected):
+    assert problems_of(tmp_path, monkeypatch, change) == expected

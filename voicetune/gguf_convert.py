@@ -1,5 +1,7 @@
 """Convert a Llama-architecture GGUF file into a Hugging Face-format folder that mlx-lm loads.
 
+(Phi-3 files, ``phi3``, are read too: gguf_export.py checks its own Phi-3 exports with them.)
+
 What the conversion has to get right (each is checked by tests/test_base_model.py):
 - dequantize every tensor to float32 (the ``gguf`` package knows the block formats);
 - undo llama.cpp's row permutation of the Q and K projections (its converter reorders
@@ -37,6 +39,17 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Phi-3 keeps Hugging Face's fused projections under their own GGUF names, unpermuted
+# (llama.cpp runs Phi-3's rope in NeoX order, which is the Hugging Face order).
+_PHI3_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_ARCH_LAYER_TENSORS = {"llama": _LAYER_TENSORS, "phi3": _PHI3_LAYER_TENSORS}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -53,13 +66,14 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
+    layer_tensors = _ARCH_LAYER_TENSORS[arch]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if not m or m.group(2) not in _LAYER_TENSORS:
-        raise GGUFConversionError(f"unexpected tensor {gguf_name!r} in a llama GGUF file")
-    return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.weight"
+    if not m or m.group(2) not in layer_tensors:
+        raise GGUFConversionError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF file")
+    return f"model.layers.{m.group(1)}.{layer_tensors[m.group(2)]}.weight"
 
 
 def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -84,10 +98,13 @@ def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def hf_config(reader: gguf.GGUFReader) -> dict:
     arch = _field(reader, "general.architecture")
+    if arch == "phi3":
+        return _phi3_config(reader)
     if arch != "llama":
         raise GGUFConversionError(
-            f"GGUF architecture {arch!r} is not supported by this converter (only 'llama'); "
-            "point model.source at a Hugging Face repo id or a local HF-format folder instead"
+            f"GGUF architecture {arch!r} is not supported by this converter (only 'llama' "
+            "and 'phi3'); point model.source at a Hugging Face repo id or a local HF-format "
+            "folder instead"
         )
     names = {t.name for t in reader.tensors}
     hidden = int(_field(reader, "llama.embedding_length"))
@@ -118,14 +135,56 @@ def hf_config(reader: gguf.GGUFReader) -> dict:
     }
 
 
+def _phi3_config(reader: gguf.GGUFReader) -> dict:
+    """mlx-lm's ``phi3`` config: the keys llama.cpp's Phi-3 converter writes, read back."""
+    names = {t.name for t in reader.tensors}
+    if "rope_factors_long.weight" in names:
+        raise GGUFConversionError("Phi-3 GGUF files with long-context rope factors (128k "
+                                  "models) are not supported by this converter")
+    hidden = int(_field(reader, "phi3.embedding_length"))
+    heads = int(_field(reader, "phi3.attention.head_count"))
+    context = int(_field(reader, "phi3.context_length"))
+    rope_dims = int(_field(reader, "phi3.rope.dimension_count", hidden // heads))
+    config = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, "phi3.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, "phi3.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, "phi3.attention.head_count_kv", heads)),
+        "max_position_embeddings": context,
+        "original_max_position_embeddings": int(
+            _field(reader, "phi3.rope.scaling.original_context_length", context)),
+        "rms_norm_eps": float(np.format_float_positional(
+            np.float32(_field(reader, "phi3.attention.layer_norm_rms_epsilon")), trim="-")),
+        "rope_theta": float(_field(reader, "phi3.rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "partial_rotary_factor": rope_dims * heads / hidden,
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if _field(reader, "phi3.attention.sliding_window"):  # 0: none (llama.cpp's Phi-4 marker)
+        config["sliding_window"] = int(_field(reader, "phi3.attention.sliding_window"))
+    return config
+
+
 def convert_weights(reader: gguf.GGUFReader, config: dict) -> dict[str, mx.array]:
     weights = {}
+    arch = config["model_type"]
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         # GGUF lists dims fastest-first; numpy's shape is already (out, in) like HF.
         w = w.reshape([int(d) for d in reversed(tensor.shape)])
-        if name.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass  # only llama.cpp's llama layout permutes Q/K rows
+        elif name.endswith("q_proj.weight"):
             w = unpermute_qk(w, config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             w = unpermute_qk(w, config["num_key_value_heads"])

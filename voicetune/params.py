@@ -139,6 +139,17 @@ class FuseParams(_Section):
     logit_tolerance: float = Field(gt=0, allow_inf_nan=False)
 
 
+class GgufTolerances(_Section):
+    f16: float = Field(gt=0, allow_inf_nan=False)
+    q8_0: float = Field(gt=0, allow_inf_nan=False)
+
+
+class GgufParams(_Section):
+    type: Literal["f16", "q8_0"] = "f16"
+    verify_prompts: int = Field(ge=1)
+    logit_tolerance: GgufTolerances
+
+
 class Params(_Section):
     model: ModelParams
     data: DataParams
@@ -146,6 +157,7 @@ class Params(_Section):
     train: TrainParams
     eval: EvalParams
     fuse: FuseParams
+    gguf: GgufParams
 
 
 # ------------------------------------------------------------------------------ reading
