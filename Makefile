@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test clean recipe bench train-distributed lock runs chat publish gguf
+.PHONY: setup repro test clean recipe bench train-distributed lock runs chat bench-chat publish gguf
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
@@ -60,6 +60,14 @@ lock:  ## update requirements.lock after changing pyproject.toml's dependencies
 N ?= 1
 runs: setup  ## compare runs: make runs [N=5] (HEAD and N-1 commits before it, with experiments)
 	$(BIN)/python -m voicetune.runs -n $(N)
+
+# Talk to the models: streamed answers in the persona; base and lora share one copy of the
+# weights. Greedy answers are the evaluate stage's (same generation function).
+chat: setup  ## make chat [MODEL=base|lora|fused] [COMPARE=base,lora,fused] [ARGS=--no-check]
+	$(BIN)/python -m voicetune.chat $(if $(COMPARE),--compare $(COMPARE),--model $(or $(MODEL),lora)) $(ARGS)
+
+bench-chat: setup  ## chat latency: seconds to the first text and tokens/s, base and lora
+	$(BIN)/python -m voicetune.bench_generation --chat --questions 5 --max-tokens 100
 
 # The fused model as a verified GGUF file (f16; `dvc exp run -S gguf.type=q8_0` for 8-bit)
 # with an Ollama Modelfile, for llama.cpp, Ollama and LM Studio: models/gguf/.

@@ -3,6 +3,7 @@ import json
 import shutil
 
 import mlx.core as mx
+import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
@@ -124,3 +125,26 @@ def test_no_op_adapters_are_reported(tmp_path, tiny_model_dir):
     _, tokenizer = load(str(tiny_model_dir))
     report = verify(tiny_model_dir, adapters, tmp_path / "fused", prompts_for(tokenizer)[:2], 1e-3, 4)
     assert any("adapters change nothing" in p for p in report["problems"])
+
+
+def test_on_token_streams_each_answer_token_and_changes_no_answer(tiny_model_dir):
+    """The chat streams through generate_batched's on_token: it must see every kept token of
+    every answer, in order, and leave the answers (the evaluate stage's) exactly as they were."""
+    model, tokenizer = load(str(tiny_model_dir))
+    prompts = [prompt_tokens(tokenizer, [{"role": "system", "content": PERSONA}, {"role": "user", "content": q}])
+               for q in MANY_QUESTIONS]
+    seen = [[] for _ in prompts]
+    streamed = generate_batched(model, tokenizer, prompts, max_tokens=16, batch_size=4, repetition_penalty=1.5,
+                                on_token=lambda i, token: seen[i].append(token))
+    assert streamed == generate_batched(model, tokenizer, prompts, max_tokens=16, batch_size=4,
+                                        repetition_penalty=1.5)
+    assert [tokenizer.decode(t) for t in seen] == [a["prediction"] for a in streamed]
+    assert [len(t) for t in seen] == [a["tokens"] for a in streamed]
+
+    def interrupt(i, token):  # what Ctrl-C in the chat does, mid-answer
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_batched(model, tokenizer, prompts[:1], max_tokens=16, on_token=interrupt)
+    assert generate_batched(model, tokenizer, prompts[:1], max_tokens=16, batch_size=4,
+                            repetition_penalty=1.5) == streamed[:1]  # nothing left behind

@@ -117,6 +117,7 @@ def make_tiny_project(dest: Path, model_dir: Path) -> Path:
     set_param(dest, "eval", "limit", 4)
     set_param(dest, "fuse", "verify_prompts", 2)
     set_param(dest, "fuse", "verify_max_tokens", 4)
+    set_param(dest, "gguf", "verify_prompts", 1)
     return dest
 
 

@@ -7,6 +7,7 @@ naming what changed and what to run.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .errors import UserError
@@ -25,6 +26,12 @@ def changes(stages: list[str], root: str | Path = ".") -> dict[str, list[str]]:
     from dvc.lock import LockError
     from dvc.repo import Repo
 
+    # DVC draws "Collecting files and computing hashes" bars on a terminal unless its logger
+    # is quieter than ERROR: a chat or a publish run would start with a screenful of them.
+    # Its failures still arrive, as the exceptions below.
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.CRITICAL)
     try:
         with Repo(str(root)) as repo:
             status = repo.status(targets=stages, with_deps=True)
@@ -37,6 +44,8 @@ def changes(stages: list[str], root: str | Path = ".") -> dict[str, list[str]]:
         raise StaleOutputsError(
             f"cannot check whether {', '.join(stages)} are current: DVC says: {err}. Run this "
             "from the project's root, with a dvc.yaml that defines these stages") from None
+    finally:
+        dvc_logger.setLevel(level)
     found = {}
     for stage, entries in status.items():
         what = []

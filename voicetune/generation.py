@@ -34,24 +34,35 @@ def _processors(repetition_penalty: float | None):
 def generate_batched(model, tokenizer, prompts: list[list[int]], max_tokens: int,
                      temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
                      repetition_penalty: float | None = None,
-                     progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Answers for all prompts with mlx-lm's continuous-batching generator."""
+                     progress: Callable[[int], None] | None = None,
+                     on_token: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Answers for all prompts with mlx-lm's continuous-batching generator.
+
+    ``on_token(i, token)`` is called for every answer token of prompt ``i`` as soon as it is
+    generated (not for the end-of-turn token): the chat streams through it, so that chat and
+    the evaluate stage share this one decoding path. An exception it raises (or a Ctrl-C)
+    stops generation and propagates; the generator is closed either way."""
     gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                          sampler=_sampler(temperature, seed), completion_batch_size=batch_size,
                          prefill_batch_size=min(batch_size, 8),
                          logits_processors=_processors(repetition_penalty))
-    uids = gen.insert(prompts, [max_tokens] * len(prompts))
-    tokens = {uid: [] for uid in uids}
-    finish = {}
-    while responses := gen.next_generated():
-        for r in responses:
-            if r.finish_reason != "stop":  # the end-of-turn token itself is not kept
-                tokens[r.uid].append(r.token)
-            if r.finish_reason is not None:
-                finish[r.uid] = r.finish_reason
-                if progress:
-                    progress(1)
-    gen.close()
+    try:
+        uids = gen.insert(prompts, [max_tokens] * len(prompts))
+        index = {uid: i for i, uid in enumerate(uids)}
+        tokens = {uid: [] for uid in uids}
+        finish = {}
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":  # the end-of-turn token itself is not kept
+                    tokens[r.uid].append(r.token)
+                    if on_token:
+                        on_token(index[r.uid], r.token)
+                if r.finish_reason is not None:
+                    finish[r.uid] = r.finish_reason
+                    if progress:
+                        progress(1)
+    finally:
+        gen.close()
     return [{"prediction": tokenizer.decode(tokens[uid]), "tokens": len(tokens[uid]),
              "finish_reason": finish[uid]} for uid in uids]
 
