@@ -78,9 +78,9 @@ gguf: setup  ## export models/fused to models/gguf/ (GGUF + Modelfile), verified
 # says they are stale). The token comes from `hf auth login` or HF_TOKEN, never from here.
 publish: setup  ## make publish REPO=user/name [WHAT=adapters|fused|gguf] [PRIVATE=1] [DRY_RUN=1] [LICENSE=id] [BASE_MODEL=owner/name] [OUT=dir]
 	@test -n "$(REPO)" || { echo "make publish needs REPO=user/name (DRY_RUN=1 to only build the folder)"; exit 2; }
-	$(BIN)/python -m voicetune.publish --repo $(REPO) --what $(or $(WHAT),adapters) \
-	  $(if $(filter 1,$(PRIVATE)),--private) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
-	  $(if $(LICENSE),--license $(LICENSE)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(OUT),--out $(OUT))
+	$(BIN)/python -m voicetune.publish --repo $(REPO) --what $(or $(WHAT),adapters) $(PUBLISH_FLAGS)
+PUBLISH_FLAGS = $(strip $(if $(filter 1,$(PRIVATE)),--private) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
+  $(if $(LICENSE),--license $(LICENSE)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(OUT),--out $(OUT)))
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive
