@@ -25,11 +25,8 @@ def file_md5(path: Path, cache: dict) -> str:
     hit = cache.get(key)
     if hit and hit["stamp"] == stamp:
         return hit["md5"]
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    cache[key] = {"stamp": stamp, "md5": digest.hexdigest()}
+        cache[key] = {"stamp": stamp, "md5": hashlib.file_digest(f, "md5").hexdigest()}
     return cache[key]["md5"]
 
 
