@@ -1,5 +1,7 @@
 """Stage report: data/eval/*.jsonl + metrics -> metrics/report.md, metrics/compare.json, plots.
 
+The arena's ratings (metrics/arena.json, from the arena stage) get a section of their own.
+
     python stages/report.py                # reads params.yaml (eval section)
 """
 import argparse
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import report
-from voicetune.files import atomic_dir, write_json_atomic, write_text_atomic
+from voicetune.files import atomic_files, write_json_atomic, write_text_atomic
 from voicetune.metrics import read_predictions
 from voicetune.params import load_params
 
@@ -28,12 +30,14 @@ def main() -> None:
     summaries = {name: read_json(Path(f"metrics/eval_{name}.json")) for name in args.models}
     values = report.per_question(runs)
     comps = report.comparisons(values, seed=p["seed"])
-    # everything is computed before any output is replaced: a failure keeps the last report
-    with atomic_dir("metrics/plots") as plot_dir:
+    # everything is computed before any output is replaced: a failure keeps the last report.
+    # Only this stage's plots are replaced: metrics/plots also holds the arena stage's plot.
+    with atomic_files("metrics/plots") as plot_dir:
         plots = report.plot_all(values, runs, Path("dvclive/train"), plot_dir)
         text = report.markdown(summaries, comps, read_json(Path("metrics/train.json")),
                                read_json(Path("metrics/fuse.json")), runs, p["report_examples"],
-                               p["seed"], [f"plots/{f.name}" for f in plots])
+                               p["seed"], [f"plots/{f.name}" for f in plots],
+                               arena=read_json(Path("metrics/arena.json")))
     write_json_atomic("metrics/compare.json", comps)
     write_text_atomic("metrics/report.md", text)
     for pair, metrics in comps.items():

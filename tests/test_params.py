@@ -299,3 +299,28 @@ def test_recipe_producing_an_invalid_value_is_refused_and_params_stays_identical
 ])
 def test_gguf_problems_are_one_line_each(tmp_path, monkeypatch, change, expected):
     assert problems_of(tmp_path, monkeypatch, change) == expected
+
+
+# ------------------------------------------------------------------ the arena section
+@pytest.mark.parametrize("change,expected", [
+    (_set("arena", "adapter", "old"), ['params.yaml: arena.adapter: got "old"; expected one of current, all']),
+    (_set("arena", "rounds", 10), ["params.yaml: arena.rounds: got 10; expected an integer >= 100"]),
+    (_set("arena", "seed", -1), ["params.yaml: arena.seed: got -1; expected an integer >= 0"]),
+    (_set("arena", "models", ["base"]), ['params.yaml: arena.models: got ["base"]; expected a list '
+                                         'of at least 2 distinct models among base, lora, fused']),
+    (_set("arena", "models", ["lora", "lora"]), ['params.yaml: arena.models: got ["lora", "lora"]; '
+                                                 'expected a list of at least 2 distinct models '
+                                                 'among base, lora, fused']),
+    (_set("arena", "models", ["base", "gpt"]), ['params.yaml: arena.models[1]: got "gpt"; expected '
+                                                'one of base, lora, fused']),
+    (_set("arena", "rondos", 1000), ["params.yaml: arena.rondos: unknown key; did you mean arena.rounds?"]),
+])
+def test_arena_problems_are_one_line_each(tmp_path, monkeypatch, change, expected):
+    assert problems_of(tmp_path, monkeypatch, change) == expected
+
+
+def test_a_params_file_from_before_the_arena_gets_its_defaults(tmp_path):
+    params = copy.deepcopy(COMMITTED)
+    del params["arena"]
+    assert load_params(write(tmp_path, params))["arena"] == {
+        "adapter": "current", "rounds": 1000, "seed": 0, "models": ["base", "lora"]}

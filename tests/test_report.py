@@ -78,3 +78,45 @@ def test_plots_are_written(tmp_path):
     assert [f.name for f in files] == ["loss.png", "overlap.png", "lengths.png"]
     for f in files:
         assert f.read_bytes().startswith(b"\x89PNG") and f.stat().st_size > 5000
+
+
+def test_markdown_shows_the_arena_ratings_or_says_there_are_none():
+    from voicetune.ratings import compute_ratings
+
+    comps = report.comparisons(report.per_question(RUNS), seed=0)
+
+    def text(arena):
+        return report.markdown(summaries(), comps, train={}, fuse={}, runs=RUNS, examples=1,
+                               seed=0, plots=["plots/loss.png"], arena=arena)
+
+    for empty in (None, {}, compute_ratings([], "c89e.dir", models=["base", "lora"])):
+        assert "No arena votes yet (`make arena`" in text(empty)
+        assert "plots/arena.png" not in text(empty)
+    old = [{"model_a": "lora", "model_b": "base", "vote": "A", "adapter": "old.dir"}]
+    assert "No arena votes for the current adapter yet (1 in data/arena/votes.jsonl, 1 for " \
+           "other adapters" in text(compute_ratings(old, "c89e.dir"))
+    votes = [{"model_a": "lora", "model_b": "base", "vote": v, "adapter": "c89e.dir"}
+             for v in ["A"] * 30 + ["B"] * 10]
+    shown = text(compute_ratings(votes, "c89e.dir"))
+    assert "## Arena: blind side-by-side votes" in shown
+    assert "| lora | 1191 |" in shown and "![arena ratings](plots/arena.png)" in shown
+    assert shown.index("## Arena") < shown.index("## Plots")
+
+
+def test_the_report_replaces_its_plots_and_keeps_the_arena_plot(tmp_path):
+    from voicetune.files import atomic_files
+
+    plots = tmp_path / "metrics/plots"
+    plots.mkdir(parents=True)
+    (plots / "arena.png").write_bytes(b"arena")
+    (plots / "loss.png").write_bytes(b"old loss")
+    with atomic_files(plots) as tmp:
+        (tmp / "loss.png").write_bytes(b"new loss")
+    assert (plots / "arena.png").read_bytes() == b"arena"
+    assert (plots / "loss.png").read_bytes() == b"new loss"
+    with pytest.raises(RuntimeError):
+        with atomic_files(plots) as tmp:
+            (tmp / "loss.png").write_bytes(b"half")
+            raise RuntimeError("plotting failed")
+    assert (plots / "loss.png").read_bytes() == b"new loss"
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["plots"]  # no temp left

@@ -150,6 +150,23 @@ class GgufParams(_Section):
     logit_tolerance: GgufTolerances
 
 
+def _distinct(models: list[str]) -> list[str]:
+    if len(set(models)) != len(models):
+        raise PydanticCustomError("distinct", "models must be distinct")
+    return models
+
+
+class ArenaParams(_Section):
+    """The blind arena (make arena) and its ratings (the arena stage). A section of its own with
+    defaults: params files written before the arena existed still validate."""
+    adapter: Literal["current", "all"] = "current"
+    rounds: int = Field(1000, ge=100)
+    seed: Seed = 0
+    models: Annotated[list[Literal["base", "lora", "fused"]], AfterValidator(_distinct)] = Field(
+        default_factory=lambda: ["base", "lora"], min_length=2, description=(
+            "a list of at least 2 distinct models among base, lora, fused"))
+
+
 class Params(_Section):
     model: ModelParams
     data: DataParams
@@ -158,6 +175,7 @@ class Params(_Section):
     eval: EvalParams
     fuse: FuseParams
     gguf: GgufParams
+    arena: ArenaParams = Field(default_factory=ArenaParams)
 
 
 # ------------------------------------------------------------------------------ reading

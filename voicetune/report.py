@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import UserError
 from .metrics import compare, score
+from .ratings import markdown as ratings_markdown
 
 PAIRS = (("lora", "base"), ("fused", "base"), ("fused", "lora"))
 
@@ -58,8 +59,22 @@ def format_comparison(c: dict, pct: bool = True) -> str:
             f"{c['ci95_high']:+.4f}; W/T/L {c['wins']}/{c['ties']}/{c['losses']})")
 
 
+def arena_section(arena: dict | None) -> list[str]:
+    """The arena's ratings (metrics/arena.json) with a link to their plot, or one line saying
+    there are none yet."""
+    lines = ["", "## Arena: blind side-by-side votes", ""]
+    if not arena or not arena.get("votes"):
+        return lines + ["No arena votes yet (`make arena` to judge the models side by side)."]
+    if not arena.get("used"):
+        return lines + [f"No arena votes for the current adapter yet ({arena['votes']} in "
+                        f"data/arena/votes.jsonl, {arena.get('other_adapter', 0)} for other "
+                        "adapters; `arena.adapter: all` counts them)."]
+    return lines + ratings_markdown(arena, plot="plots/arena.png")
+
+
 def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
-             runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str]) -> str:
+             runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str],
+             arena: dict | None = None) -> str:
     share = train.get("trainable_share")
     lines = ["# Base vs fine-tuned vs fused: held-out evaluation", "",
              f"{summaries['base']['n']} test questions, "
@@ -98,6 +113,7 @@ def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
                   f"base+adapters {fuse['max_abs_logit_diff_fused_vs_lora']:.2e} (tolerance "
                   f"{fuse['tolerance']:.0e}), fused vs base {fuse['max_abs_logit_diff_fused_vs_base']:.2e}; "
                   f"greedy answers identical {fuse['greedy_answers_identical']}/{fuse['prompts']}."]
+    lines += arena_section(arena)
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     lines += ["", "## Examples", ""]
     picks = np.random.default_rng(seed).choice(len(runs["base"]), size=min(examples, len(runs["base"])),

@@ -1,0 +1,54 @@
+"""Preference pairs from the arena's votes, for preference training (DPO and kin).
+
+A vote for A or B says: to this question, under this persona, the winner's answer is better
+than the loser's. That is one pair ``{"prompt", "chosen", "rejected", "system"}``, the offline
+pair format of mlx-lm-lora (``mlx_lm_lora.train --train-mode dpo``; also cpo/orpo): its DPO
+loader puts ``system`` (when the key is there) and ``prompt`` into chat messages and appends
+``chosen`` or ``rejected`` as the assistant's turn, all rendered with the model's own chat
+template, so the fields hold plain text, not templated strings. It reads a folder with
+``train.jsonl`` (and ``valid.jsonl``/``test.jsonl`` if present), one pair per line.
+
+Left out: ties and "both bad" (no preference), and votes whose two answers are the same text
+(greedy decoding can make two models agree; a pair with chosen == rejected teaches nothing).
+The votes file itself is user data and never rewritten here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+from .files import write_text_atomic
+from .votes import VOTES
+
+
+def pairs_from_votes(votes: list[dict]) -> list[dict]:
+    """One pair per vote for A or B, in vote order; ``system`` only when the vote had one (the
+    loader would put a null system message into the chat otherwise)."""
+    pairs = []
+    for vote in votes:
+        side = vote.get("vote")
+        if side not in ("A", "B"):
+            continue  # tie, both_bad
+        prompt, a, b = vote.get("question"), vote.get("answer_a"), vote.get("answer_b")
+        if not (isinstance(prompt, str) and prompt.strip() and isinstance(a, str)
+                and isinstance(b, str)) or a == b:
+            continue
+        chosen, rejected = (a, b) if side == "A" else (b, a)
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        system = vote.get("system")
+        if isinstance(system, str) and system.strip():
+            pair["system"] = system
+        pairs.append(pair)
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: list[dict]) -> None:
+    """The pairs as JSONL (UTF-8, one pair a line), replacing ``path`` atomically. Refuses to
+    write over the votes file: the votes are the only copy of the person's judgements."""
+    path = Path(path)
+    if path.resolve() == VOTES.resolve() or (path.exists() and VOTES.exists()
+                                             and path.samefile(VOTES)):
+        raise UserError(f"{path} is the votes file: write the pairs somewhere else "
+                        "(e.g. data/arena/pairs.jsonl)")
+    write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
