@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test clean recipe bench train-distributed lock runs chat bench-chat publish gguf
+.PHONY: setup repro test clean recipe bench train-distributed lock runs chat bench-chat publish gguf arena arena-export
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
@@ -81,6 +81,15 @@ publish: setup  ## make publish REPO=user/name [WHAT=adapters|fused|gguf] [PRIVA
 	$(BIN)/python -m voicetune.publish --repo $(REPO) --what $(or $(WHAT),adapters) $(PUBLISH_FLAGS)
 PUBLISH_FLAGS = $(strip $(if $(filter 1,$(PRIVATE)),--private) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
   $(if $(LICENSE),--license $(LICENSE)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(OUT),--out $(OUT)))
+
+# The blind arena: a local page to chat with the models and judge two of them side by side,
+# named only after the vote. Votes -> data/arena/votes.jsonl; `dvc repro arena` rates them.
+PORT ?= 7860
+arena: setup  ## make arena [PORT=7860] [ARGS="--host 0.0.0.0 --temperature 0.7"]; open http://127.0.0.1:$(PORT)
+	$(BIN)/python -m voicetune.arena --port $(PORT) $(ARGS)
+
+arena-export: setup  ## arena votes -> preference pairs (prompt/chosen/rejected/system) in data/arena/pairs.jsonl
+	$(BIN)/python -m voicetune.arena export $(ARGS)
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive

@@ -96,6 +96,10 @@ class ChatModels:
         return model, tokenizer
 
     def prepare(self, names: list[str]) -> None:
-        """Load (and check) every model of ``names`` now, rather than at its first answer."""
+        """Load (and check) every model of ``names`` now, rather than at its first answer.
+        Their weights are computed here too: MLX streams belong to the thread that made them,
+        and a lazy array (the adapters' float32 cast) left for another thread to compute (the
+        arena's generation worker) fails there with "There is no Stream(cpu, 0) in current
+        thread"."""
         for name in names:
-            self.get(name)
+            mx.eval(self.get(name)[0].parameters())
