@@ -3,6 +3,7 @@
     python stages/evaluate.py --model base     # models/base
     python stages/evaluate.py --model lora     # models/base + models/adapters at run time
     python stages/evaluate.py --model fused    # models/fused
+    python stages/evaluate.py --model dpo      # models/fused + models/preference_adapters
 
 Writes data/eval/<model>.jsonl (prompt, question, reference, prediction, tokens,
 finish_reason) and metrics/eval_<model>.json. Greedy by default; eval.temperature > 0
@@ -29,7 +30,9 @@ from mlx_lm.tuner.datasets import CacheDataset, ChatDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 MODELS = {"base": ("models/base", None), "lora": ("models/base", "models/adapters"),
-          "fused": ("models/fused", None)}
+          "fused": ("models/fused", None),
+          # preference tuning's adapters sit on the fused SFT model (dpo or orpo alike)
+          "dpo": ("models/fused", "models/preference_adapters")}
 
 
 def main() -> int:

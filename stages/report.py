@@ -22,7 +22,7 @@ def read_json(path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--models", nargs="+", default=["base", "lora", "fused"])
+    ap.add_argument("--models", nargs="+", default=["base", "lora", "fused", "dpo"])
     args = ap.parse_args()
     p = load_params(args.params)["eval"]
 
@@ -37,7 +37,9 @@ def main() -> None:
         text = report.markdown(summaries, comps, read_json(Path("metrics/train.json")),
                                read_json(Path("metrics/fuse.json")), runs, p["report_examples"],
                                p["seed"], [f"plots/{f.name}" for f in plots],
-                               arena=read_json(Path("metrics/arena.json")))
+                               arena=read_json(Path("metrics/arena.json")),
+                               preference=read_json(Path("metrics/preference.json")),
+                               pairs=read_json(Path("metrics/pairs.json")))
     write_json_atomic("metrics/compare.json", comps)
     write_text_atomic("metrics/report.md", text)
     for pair, metrics in comps.items():

@@ -120,7 +120,7 @@ def test_a_vote_is_one_complete_line_written_once_however_often_it_is_clicked(ar
     assert vote["question"] == "Do you like <b>knots</b>?" and vote["from_test"] is False
     assert {vote["model_a"], vote["model_b"]} <= set(ANSWERS) and vote["model_a"] != vote["model_b"]
     assert vote["answer_a"] == ANSWERS[vote["model_a"]] and vote["answer_b"] == ANSWERS[vote["model_b"]]
-    assert vote["adapter"] == "abc123.dir" and vote["system"] == config.system
+    assert vote["adapter"] == "abc123.dir" and vote["preference_adapter"] is None and vote["system"] == config.system
     assert vote["settings"] == {"max_tokens": 20, "temperature": 0.0, "seed": 0, "repetition_penalty": None}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", vote["time"])
     # the typed question was asked with the persona, as a single turn

@@ -29,7 +29,9 @@ def tiny(tiny_model_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("chat")
     adapters = write_adapters(tiny_model_dir, root / "adapters", scale_b=0.05)
     fuse(tiny_model_dir, adapters, root / "fused")
-    return {"base": tiny_model_dir, "adapters": adapters, "fused": root / "fused"}
+    preference = write_adapters(root / "fused", root / "preference_adapters", scale_b=0.05)
+    return {"base": tiny_model_dir, "adapters": adapters, "fused": root / "fused",
+            "preference_adapters": preference}
 
 
 def evaluate_answers(path, adapters, conversations, settings=SETTINGS):
@@ -51,7 +53,7 @@ def test_base_via_switched_off_adapters_is_the_plain_base_model(tiny):
     lora_model, tokenizer = models.get("lora")
     base_model, _ = models.get("base")
     assert base_model is lora_model  # one copy of the weights serves both
-    assert models._fused is None     # fused is loaded only when asked for
+    assert "fused" not in models._copies  # fused is loaded only when asked for
     conversations = [ask(q) for q in MANY_QUESTIONS]
     prompts = [prompt_tokens(tokenizer, c) for c in conversations]
 
@@ -68,6 +70,27 @@ def test_base_via_switched_off_adapters_is_the_plain_base_model(tiny):
     assert switched_on == evaluate_answers(tiny["base"], tiny["adapters"], conversations)[1]
     assert switched_on != switched_off  # the switch really switches
     assert tokens_of(models.get("base")[0]) == plain_base  # and back again
+
+
+def test_fused_and_dpo_share_the_fused_copy_switching_the_preference_adapters(tiny):
+    models = ChatModels(tiny["base"], tiny["adapters"], tiny["fused"], check=False, log=lambda _: None,
+                        preference_adapters=tiny["preference_adapters"])
+    dpo_model, tokenizer = models.get("dpo")
+    assert models.get("fused")[0] is dpo_model and "base" not in models._copies
+    conversations = [ask(q) for q in MANY_QUESTIONS[:6]]
+    prompts = [prompt_tokens(tokenizer, c) for c in conversations]
+
+    def tokens_of(model):
+        out = [[] for _ in prompts]
+        generate_batched(model, tokenizer, prompts, batch_size=48, on_token=lambda i, t: out[i].append(t),
+                         **SETTINGS)
+        return out
+
+    plain_fused = evaluate_answers(tiny["fused"], None, conversations)[1]
+    assert tokens_of(models.get("fused")[0]) == plain_fused
+    dpo = tokens_of(models.get("dpo")[0])
+    assert dpo == evaluate_answers(tiny["fused"], tiny["preference_adapters"], conversations)[1]
+    assert dpo != plain_fused
 
 
 def test_greedy_chat_answers_are_the_evaluate_stage_answers(tiny):

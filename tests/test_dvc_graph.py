@@ -160,11 +160,13 @@ IGNORED = re.compile(r"(^|/)(\.dvc|\.git|__pycache__|site-packages|\.venv)(/|$)"
 ATOMIC_TEMP = re.compile(r"^\.(.+)\.(tmp|old)-[^/]*$")
 # read on purpose without being deps: train's resume state (kept outside DVC, .dvcignore),
 # model_source's cache of file hashes by size/mtime/inode (what DVC's own state cache does), and
-# dvc.lock for arena: the train entry's md5 of models/adapters is the adapter the votes judged.
+# dvc.lock for arena and pairs: the train entry's md5 of models/adapters is the adapter the votes judged.
 # DVC rewrites dvc.lock after every stage, so it cannot be a dep; models/adapters is, and that
-# entry changes exactly when models/adapters does.
+# entry changes exactly when models/adapters does. The preference stage resumes from its own
+# checkpoint as train does.
 NOT_DEPS = {"train": ["models/.train-checkpoint"], "model_source": ["models/.source-hashes.json"],
-            "arena": ["dvc.lock"]}
+            "arena": ["dvc.lock"], "pairs": ["dvc.lock"],
+            "preference": ["models/.preference-checkpoint"]}
 
 
 def read_audit_env(project: Path, log_dir: Path) -> dict:

@@ -118,7 +118,7 @@ def _delete(section, key):
      ["params.yaml: data.valid_ratio: missing (a number in [0, 1))",
       "params.yaml: data.valid_ration: unknown key; did you mean data.valid_ratio?"]),
     (_set("lora", "learning_rate", 1.0e-4),  # in the wrong section
-     ["params.yaml: lora.learning_rate: unknown key; did you mean train.learning_rate?"]),
+     ["params.yaml: lora.learning_rate: unknown key; did you mean train.learning_rate or preference.learning_rate?"]),
     (_set("lora", "zzzz", 1), ["params.yaml: lora.zzzz: unknown key; lora has rank, scale, dropout, "
                                "keys, num_layers"]),
     (_delete("train", "batch_size"), ["params.yaml: train.batch_size: missing (an integer >= 1)"]),
@@ -307,12 +307,12 @@ def test_gguf_problems_are_one_line_each(tmp_path, monkeypatch, change, expected
     (_set("arena", "rounds", 10), ["params.yaml: arena.rounds: got 10; expected an integer >= 100"]),
     (_set("arena", "seed", -1), ["params.yaml: arena.seed: got -1; expected an integer >= 0"]),
     (_set("arena", "models", ["base"]), ['params.yaml: arena.models: got ["base"]; expected a list '
-                                         'of at least 2 distinct models among base, lora, fused']),
+                                         'of at least 2 distinct models among base, lora, fused, dpo']),
     (_set("arena", "models", ["lora", "lora"]), ['params.yaml: arena.models: got ["lora", "lora"]; '
                                                  'expected a list of at least 2 distinct models '
-                                                 'among base, lora, fused']),
+                                                 'among base, lora, fused, dpo']),
     (_set("arena", "models", ["base", "gpt"]), ['params.yaml: arena.models[1]: got "gpt"; expected '
-                                                'one of base, lora, fused']),
+                                                'one of base, lora, fused, dpo']),
     (_set("arena", "rondos", 1000), ["params.yaml: arena.rondos: unknown key; did you mean arena.rounds?"]),
 ])
 def test_arena_problems_are_one_line_each(tmp_path, monkeypatch, change, expected):

@@ -124,6 +124,9 @@ def make_tiny_project(dest: Path, model_dir: Path) -> Path:
     set_param(dest, "fuse", "verify_prompts", 2)
     set_param(dest, "fuse", "verify_max_tokens", 4)
     set_param(dest, "gguf", "verify_prompts", 1)
+    for key, value in {"pairs": 8, "max_tokens": 6, "drop_cut_answers": False, "iters": 2, "batch_size": 2,
+                       "steps_per_eval": 1, "save_every": 1, "max_seq_length": 256}.items():
+        set_param(dest, "preference", key, value)
     return dest
 
 
@@ -132,11 +135,13 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     dvc(tiny_project, "repro", env=read_audit_env(tiny_project, tmp_path / "reads"))
     assert_reads_covered(tiny_project, tmp_path / "reads")
     report = (tiny_project / "metrics/report.md").read_text()
-    assert "| base |" in report and "| lora |" in report and "| fused |" in report
+    assert all(f"| {name} |" in report for name in ("base", "lora", "fused", "dpo"))
     for name in ("loss", "overlap", "lengths"):
         assert (tiny_project / f"metrics/plots/{name}.png").stat().st_size > 1000
     compare = json.loads((tiny_project / "metrics/compare.json").read_text())
-    assert set(compare) == {"lora_vs_base", "fused_vs_base", "fused_vs_lora"}
+    assert set(compare) == {"lora_vs_base", "fused_vs_base", "fused_vs_lora", "dpo_vs_base", "dpo_vs_lora"}
+    pairs = json.loads((tiny_project / "metrics/pairs.json").read_text())
+    assert pairs["train"] + pairs["valid"] == pairs["self"] + pairs["arena"] >= 2
     fused = json.loads((tiny_project / "metrics/fuse.json").read_text())
     assert fused["ok"] and fused["greedy_answers_identical"] == 2
     lora = json.loads((tiny_project / "metrics/eval_lora.json").read_text())
@@ -147,7 +152,8 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     # changing only eval.* reruns evaluate and report, not train or fuse
     set_param(tiny_project, "eval", "max_tokens", 6)
     rerun = dvc(tiny_project, "repro").stdout
-    assert all(f"Running stage 'evaluate@{m}'" in rerun for m in ("base", "lora", "fused"))
+    assert all(f"Running stage 'evaluate@{m}'" in rerun for m in ("base", "lora", "fused", "dpo"))
+    assert "Running stage 'pairs'" not in rerun and "Running stage 'preference'" not in rerun
     assert "Running stage 'report'" in rerun
     assert "Running stage 'train'" not in rerun and "Running stage 'fuse'" not in rerun
 
@@ -166,9 +172,11 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     assert "Running stage 'prepare'" not in retrained and "Running stage 'base_model'" not in retrained
 
 
-def test_a_vote_reruns_only_arena_and_report(tiny_project):
-    """votes.jsonl is the arena stage's dep: a new vote reruns the ratings and the report,
-    nothing upstream; with no votes both say so."""
+def test_a_vote_reruns_only_arena_pairs_and_report(tiny_project):
+    """votes.jsonl is a dep of the arena and pairs stages: a new vote reruns the ratings, the
+    pairs and the report, nothing upstream; votes that add no pair (these do not say they
+    were on a training question) leave data/pairs as it was, so preference tuning does not
+    rerun. With no votes the ratings and the report say so."""
     from voicetune.votes import adapter_identity, append_vote
 
     dvc(tiny_project, "repro")  # a no-op after test_full_pipeline_on_a_tiny_model
@@ -180,7 +188,8 @@ def test_a_vote_reruns_only_arena_and_report(tiny_project):
         append_vote(tiny_project / "data/arena/votes.jsonl",
                     {"schema": 1, "question": "Reef early?", "model_a": "lora", "model_b": "base",
                      "answer_a": "Aye.", "answer_b": "No.", "vote": choice, "adapter": adapter})
-    assert ran(dvc(tiny_project, "repro").stdout) == {"arena", "report"}
+    assert ran(dvc(tiny_project, "repro").stdout) == {"arena", "pairs", "report"}
+    assert json.loads((tiny_project / "metrics/pairs.json").read_text())["arena_test_excluded"] == 3
     arena = json.loads((tiny_project / "metrics/arena.json").read_text())
     assert (arena["used"], arena["both_bad"], arena["models"]["lora"]["wins"]) == (5, 1, 2)
     report = (tiny_project / "metrics/report.md").read_text()

@@ -80,26 +80,26 @@ def serve(args) -> int:
     from .chat_models import NAMES, ChatModels
 
     params = load_params(args.params)
-    settings = Settings.from_params(params)
-    if args.max_tokens is not None:
-        settings.max_tokens = args.max_tokens
-    if args.temperature is not None:
-        settings.temperature = args.temperature
+    settings = Settings.from_params(params, args.max_tokens, args.temperature)
     battle_models = params["arena"]["models"]
-    chat_models = [n for n in NAMES if n in battle_models or n != "fused"]
+    # the chat tab offers base and lora (one copy of the weights), and whatever battles
+    chat_models = [n for n in NAMES if n in battle_models or n in ("base", "lora")]
     check_port_free(args.host, args.port)
     if not is_loopback(args.host):
         print(f"WARNING: listening on {args.host}: anyone who can reach this machine can chat "
               "with your models and vote. The arena has no login; use 127.0.0.1 unless you "
               "mean it.", file=sys.stderr)
-    models = ChatModels(args.base, args.adapters, args.fused, check=not args.no_check)
+    models = ChatModels(args.base, args.adapters, args.fused, check=not args.no_check,
+                        preference_adapters=args.preference_adapters)
     models.prepare(sorted(set(battle_models) | set(chat_models), key=NAMES.index))  # no load mid-battle
     adapter = adapter_identity(".") if not args.no_check else None
     config = ArenaConfig(models=battle_models, chat_models=chat_models,
                          system=args.system or params["data"]["system_prompt"], settings=settings,
                          votes=Path(args.votes), adapter=adapter,
                          questions=test_questions(Path(args.test)),
-                         ratings=ratings_fn(params, adapter))
+                         ratings=ratings_fn(params, adapter),
+                         preference_adapter=adapter_identity(".", "preference", "models/preference_adapters")
+                         if "dpo" in battle_models and not args.no_check else None)
     app = create_app(Engine(mlx_answer_fn(models)), config)
     print(f"arena: http://{args.host}:{args.port}  (votes -> {args.votes}; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="models/base")
     ap.add_argument("--adapters", default="models/adapters")
     ap.add_argument("--fused", default="models/fused")
+    ap.add_argument("--preference-adapters", default="models/preference_adapters")
     ap.add_argument("--system", help="persona prompt (default: params.yaml's data.system_prompt)")
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--temperature", type=float)

@@ -51,6 +51,7 @@ class ArenaConfig:
     adapter: str | None                # the adapter's identity (md5 in dvc.lock), in every vote
     questions: list[dict]              # test split: {"messages", "question", "reference"}
     ratings: Callable[[list[dict]], dict] | None = None  # votes -> the ratings table
+    preference_adapter: str | None = None  # the dpo model's adapters (md5 in dvc.lock), if it battles
 
 
 @dataclass
@@ -248,7 +249,8 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
                 "answer_a": battle.answer("A"), "answer_b": battle.answer("B"),
                 "vote": body.vote, "system": battle.messages[0]["content"]
                 if battle.messages and battle.messages[0]["role"] == "system" else config.system,
-                "settings": vars(config.settings), "adapter": config.adapter}
+                "settings": vars(config.settings), "adapter": config.adapter,
+                "preference_adapter": config.preference_adapter}
             await asyncio.to_thread(append_vote, config.votes, record)  # durable before we say so
             battle.vote = body.vote
         return {"duplicate": False, **battle.public()}

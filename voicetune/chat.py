@@ -1,7 +1,7 @@
 """Chat with the base, LoRA and fused models in the terminal, answers streamed as generated.
 
     python -m voicetune.chat                      # the fine-tuned model (base + adapters)
-    python -m voicetune.chat --model base         # base | lora | fused
+    python -m voicetune.chat --model base         # base | lora | fused | dpo
     python -m voicetune.chat --compare base,lora  # every message answered by each model
     python -m voicetune.chat --system "You are ..." --max-tokens 400 --temperature 0.7
 
@@ -22,7 +22,7 @@ from .generation import generate_batched, prompt_tokens
 from .params import load_params
 
 HELP = """commands:
-  /model NAME[,NAME...]  answer with one model, or several in turn (base, lora, fused)
+  /model NAME[,NAME...]  answer with one model, or several in turn (base, lora, fused, dpo)
   /reset                 forget the conversation (every model's history)
   /max [N]               show or set the answer length limit in tokens
   /temp [T]              show or set the temperature (0 = greedy; > 0 samples, seeded)
@@ -41,9 +41,13 @@ class Settings:
     repetition_penalty: float | None = None
 
     @classmethod
-    def from_params(cls, params: dict) -> "Settings":
+    def from_params(cls, params: dict, max_tokens: int | None = None,
+                    temperature: float | None = None) -> "Settings":
+        """eval.*, with a command line's ``--max-tokens``/``--temperature`` when given."""
         e = params["eval"]
-        return cls(e["max_tokens"], e["temperature"], e["seed"], e.get("repetition_penalty"))
+        return cls(e["max_tokens"] if max_tokens is None else max_tokens,
+                   e["temperature"] if temperature is None else temperature,
+                   e["seed"], e.get("repetition_penalty"))
 
 
 def stream_answer(model, tokenizer, messages: list[dict], settings: Settings, write) -> dict:
@@ -198,17 +202,16 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="models/base")
     ap.add_argument("--adapters", default="models/adapters")
     ap.add_argument("--fused", default="models/fused")
+    ap.add_argument("--preference-adapters", default="models/preference_adapters",
+                    help="the preference stage's adapters, on the fused model: dpo")
     ap.add_argument("--no-check", action="store_true",
                     help="skip asking DVC whether the models are current (faster start)")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    settings = Settings.from_params(params)
-    if args.max_tokens is not None:
-        settings.max_tokens = args.max_tokens
-    if args.temperature is not None:
-        settings.temperature = args.temperature
+    settings = Settings.from_params(params, args.max_tokens, args.temperature)
     active = parse_models(args.compare) if args.compare else [args.model]
-    models = ChatModels(args.base, args.adapters, args.fused, check=not args.no_check)
+    models = ChatModels(args.base, args.adapters, args.fused, check=not args.no_check,
+                        preference_adapters=args.preference_adapters)
     models.prepare(active)  # a missing or stale model stops here, before the first question
     try:
         import readline  # noqa: F401  (line editing and history for input(), where available)

@@ -162,9 +162,32 @@ class ArenaParams(_Section):
     adapter: Literal["current", "all"] = "current"
     rounds: int = Field(1000, ge=100)
     seed: Seed = 0
-    models: Annotated[list[Literal["base", "lora", "fused"]], AfterValidator(_distinct)] = Field(
+    models: Annotated[list[Literal["base", "lora", "fused", "dpo"]], AfterValidator(_distinct)] = Field(
         default_factory=lambda: ["base", "lora"], min_length=2, description=(
-            "a list of at least 2 distinct models among base, lora, fused"))
+            "a list of at least 2 distinct models among base, lora, fused, dpo"))
+
+
+class PreferenceParams(_Section):
+    """Preference tuning on top of the SFT LoRA (the pairs and preference stages)."""
+    sources: Annotated[list[Literal["self", "arena"]], AfterValidator(_distinct)] = Field(
+        min_length=1, description="a list of distinct sources among self, arena")
+    pairs: Optional[int] = Field(None, ge=1, description=(
+        "null (every training question) or an integer >= 1"))
+    max_tokens: int = Field(ge=1)
+    drop_cut_answers: bool = True
+    max_similarity: float = Field(gt=0, le=1, allow_inf_nan=False)
+    valid_ratio: Ratio
+    seed: Seed = 0
+    method: Literal["dpo", "orpo"] = "dpo"
+    beta: float = Field(gt=0, allow_inf_nan=False)
+    learning_rate: float = Field(gt=0, allow_inf_nan=False)
+    iters: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    steps_per_eval: int = Field(ge=1)
+    save_every: int = Field(ge=1)
+    max_seq_length: int = Field(2048, ge=2)
+    early_stopping: EarlyStoppingParams = Field(default_factory=EarlyStoppingParams)
+    lora: LoraParams
 
 
 class Params(_Section):
@@ -176,6 +199,7 @@ class Params(_Section):
     fuse: FuseParams
     gguf: GgufParams
     arena: ArenaParams = Field(default_factory=ArenaParams)
+    preference: PreferenceParams
 
 
 # ------------------------------------------------------------------------------ reading

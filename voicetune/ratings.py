@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-NAMES = ("base", "lora", "fused")  # every model a vote may name, in display order
+NAMES = ("base", "lora", "fused", "dpo")  # every model a vote may name, in display order
 ANCHOR = "base"  # rated 1000 (else the first rated model of NAMES)
 ELO = 400 / math.log(10)  # logits -> Elo points
 RIDGE = 1e-4

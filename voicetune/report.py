@@ -14,7 +14,7 @@ from .errors import UserError
 from .metrics import compare, score
 from .ratings import markdown as ratings_markdown
 
-PAIRS = (("lora", "base"), ("fused", "base"), ("fused", "lora"))
+PAIRS = (("lora", "base"), ("fused", "base"), ("fused", "lora"), ("dpo", "base"), ("dpo", "lora"))
 
 
 def per_question(runs: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
@@ -59,6 +59,28 @@ def format_comparison(c: dict, pct: bool = True) -> str:
             f"{c['ci95_high']:+.4f}; W/T/L {c['wins']}/{c['ties']}/{c['losses']})")
 
 
+def preference_section(pref: dict, pairs: dict) -> list[str]:
+    """How the preference stage (dpo in the tables) was trained, from metrics/preference.json
+    and metrics/pairs.json: what it learnt from, and how far its validation moved."""
+    if not pref:
+        return []
+    method = pref.get("method", "dpo").upper()
+    made = (f"{pairs.get('self', 0)} pairs of the author's answer against the LoRA's own, "
+            f"{pairs.get('arena', 0)} from arena votes"
+            + (f" ({pairs.get('dropped_cut', 0)} dropped as cut at {pairs.get('max_tokens')} "
+               f"tokens, {pairs.get('dropped_identical', 0) + pairs.get('dropped_similar', 0)} "
+               "as near-identical)" if pairs else ""))
+    return ["", f"Preference tuning (`dpo` above; {method}, beta {pref.get('beta')}): {made}; "
+            f"{pref.get('train_pairs')} to train, {pref.get('valid_pairs')} to validate. "
+            f"Validation preference loss {pref.get('base_val_loss', float('nan')):.4f} → "
+            f"{pref.get('best_val_loss', float('nan')):.4f} at iteration {pref.get('best_iteration')}, "
+            f"reward accuracy {pref.get('best_val_reward_accuracy', float('nan')):.2f}, rewards "
+            f"chosen {pref.get('best_val_chosen_reward', float('nan')):+.3f} / rejected "
+            f"{pref.get('best_val_rejected_reward', float('nan')):+.3f} (β × log-probability change "
+            f"from the reference: the author's answers should not fall far); stopped at "
+            f"{pref.get('stopped_at')} ({pref.get('stop_reason')})."]
+
+
 def arena_section(arena: dict | None) -> list[str]:
     """The arena's ratings (metrics/arena.json) with a link to their plot, or one line saying
     there are none yet."""
@@ -74,7 +96,8 @@ def arena_section(arena: dict | None) -> list[str]:
 
 def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
              runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str],
-             arena: dict | None = None) -> str:
+             arena: dict | None = None, preference: dict | None = None,
+             pairs: dict | None = None) -> str:
     share = train.get("trainable_share")
     lines = ["# Base vs fine-tuned vs fused: held-out evaluation", "",
              f"{summaries['base']['n']} test questions, "
@@ -113,6 +136,7 @@ def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
                   f"base+adapters {fuse['max_abs_logit_diff_fused_vs_lora']:.2e} (tolerance "
                   f"{fuse['tolerance']:.0e}), fused vs base {fuse['max_abs_logit_diff_fused_vs_base']:.2e}; "
                   f"greedy answers identical {fuse['greedy_answers_identical']}/{fuse['prompts']}."]
+    lines += preference_section(preference or {}, pairs or {})
     lines += arena_section(arena)
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     lines += ["", "## Examples", ""]

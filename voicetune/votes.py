@@ -64,14 +64,15 @@ def read_votes(path: str | Path) -> tuple[list[dict], list[str]]:
     return votes, warnings
 
 
-def adapter_identity(root: str | Path = ".") -> str | None:
-    """The md5 that dvc.lock records for the train stage's ``models/adapters``: the identity
-    of the adapter being judged. None when the project has no trained adapter in dvc.lock."""
+def adapter_identity(root: str | Path = ".", stage: str = "train",
+                     path: str = "models/adapters") -> str | None:
+    """The md5 that dvc.lock records for the train stage's ``models/adapters`` (or another
+    stage's output): the identity of the adapter being judged. None when dvc.lock has none."""
     lock = Path(root) / "dvc.lock"
     if not lock.exists():
         return None
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    for out in stages.get("train", {}).get("outs", []):
-        if out.get("path") == "models/adapters":
+    for out in stages.get(stage, {}).get("outs", []):
+        if out.get("path") == path:
             return out.get("md5")
     return None

@@ -1,0 +1,76 @@
+"""Stage pairs: preference pairs (chosen vs rejected) for the preference stage.
+
+    python stages/pairs.py          # reads params.yaml (preference.*, eval.repetition_penalty/batch_size)
+
+Self-play: each sampled training question's author answer (chosen) against the SFT LoRA's
+(models/base + models/adapters) own greedy answer (rejected), decoded as evaluate@lora decodes;
+plus the decisive arena votes for the current adapter (its md5 in dvc.lock), test and held-out
+questions left out. Writes data/pairs/{train,valid}.jsonl (mlx-lm-lora's DPO format) and
+metrics/pairs.json; greedy, so two runs give the same bytes.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from voicetune.errors import run_stage
+from voicetune import blas  # before mlx: a fast BLAS on Linux
+from voicetune import pairs
+from voicetune.files import atomic_dir, write_json_atomic
+from voicetune.fusion import load_float32
+from voicetune.params import load_params
+from voicetune.votes import VOTES, adapter_identity, read_votes
+
+from tqdm import tqdm  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/processed", help="the prepare stage's splits")
+    ap.add_argument("--model", default="models/base")
+    ap.add_argument("--adapters", default="models/adapters")
+    ap.add_argument("--votes", default=str(VOTES))
+    ap.add_argument("--out", default="data/pairs")
+    ap.add_argument("--metrics", default="metrics/pairs.json")
+    args = ap.parse_args()
+    params = load_params(args.params)  # validates all of params.yaml, before any work
+    p, eval_p = params["preference"], params["eval"]
+    blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
+    data = Path(args.data)
+    rows = pairs.read_exchanges(data / "train.jsonl")
+    heldout = pairs.heldout([data / "valid.jsonl", data / "test.jsonl"])
+
+    votes, adapter = [], None
+    if "arena" in p["sources"]:
+        votes, warnings = read_votes(args.votes)
+        for warning in warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        # dvc.lock is no dep: models/adapters is, and its train entry changes exactly with it
+        adapter = adapter_identity(".")
+        if adapter is None and votes:
+            print("WARNING: dvc.lock records no trained models/adapters: no arena vote can be "
+                  "matched to the current adapter, none is used", file=sys.stderr)
+
+    def load_model():
+        for path in (args.model, args.adapters):
+            if not Path(path).is_dir():
+                raise pairs.PairsError(f"{path}: not found; run the pipeline up to the train "
+                                       "stage first (dvc repro train)")
+        model, tokenizer, _ = load_float32(args.model, args.adapters)
+        return model, tokenizer
+
+    questions = len(pairs.sample(len(rows), p["pairs"], p["seed"])) if "self" in p["sources"] else 0
+    with tqdm(total=questions, desc="generate (rejected)", unit="answer", disable=not questions) as bar:
+        train, valid, metrics = pairs.build(p, eval_p, rows, heldout, votes, adapter, load_model,
+                                            progress=bar.update)
+    # both outputs are replaced at the very end: a failure above keeps the last good pair
+    with atomic_dir(args.out) as tmp:
+        (tmp / "train.jsonl").write_text(pairs.jsonl(train), encoding="utf-8")
+        (tmp / "valid.jsonl").write_text(pairs.jsonl(valid), encoding="utf-8")
+    write_json_atomic(args.metrics, metrics)
+    print(f"pairs: {pairs.summary(metrics)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage("pairs", main)

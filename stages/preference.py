@@ -1,0 +1,146 @@
+"""Stage preference: DPO (or ORPO) adapters on models/fused from data/pairs -> models/preference_adapters.
+
+    python stages/preference.py            # reads params.yaml (the preference section)
+
+New LoRA layers on the fused SFT model; the reference policy is the same weights with them
+switched off (one model in memory), its log-probabilities computed once before the first
+step. Load the result with `mlx_lm.load("models/fused", adapter_path="models/preference_adapters")`.
+
+Killed mid-run? Run it again (or `dvc repro`): it resumes from the last checkpoint in
+models/.preference-checkpoint and ends with the same best adapter as an uninterrupted run.
+Outputs change only when a run succeeds, and then each at once: a failed or killed run
+leaves models/preference_adapters, metrics/preference.json and dvclive/preference as the
+last good run wrote them.
+"""
+import argparse
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from voicetune.errors import run_stage
+from voicetune import blas  # before mlx: a fast BLAS on Linux
+from voicetune.environment import versions
+from voicetune.files import atomic_dir, write_json_atomic
+from voicetune.fusion import load_float32
+from voicetune.lora import apply_lora, parameter_counts
+from voicetune.params import load_params
+from voicetune.preference import (PreferenceConfig, PreferenceError, check_counts, read_pairs,
+                                  run_fingerprint, tokenize_pairs, train_preference)
+from voicetune.training import Checkpoint
+
+import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
+from dvclive import Live  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+# recorded in metrics and the checkpoint's history, but constant: not plotted
+NOT_PLOTTED = {"step", "val_pairs", "val_tokens"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", default="models/fused")
+    ap.add_argument("--data", default="data/pairs")
+    ap.add_argument("--out", default="models/preference_adapters")
+    ap.add_argument("--metrics", default="metrics/preference.json")
+    ap.add_argument("--live-dir", default="dvclive/preference")
+    ap.add_argument("--checkpoint", default="models/.preference-checkpoint")
+    args = ap.parse_args()
+    p = load_params(args.params)["preference"]  # validates all of params.yaml, before any work
+    cfg = PreferenceConfig.from_params(p)
+    data = Path(args.data)
+    rows = {name: read_pairs(data / f"{name}.jsonl") for name in ("train", "valid")}
+    check_counts(rows["train"], rows["valid"])  # before the model is loaded
+
+    blas.check()
+    model, tokenizer, _ = load_float32(args.model)  # float32 on CPU, like the fuse stage's check
+    mx.random.seed(cfg.seed)  # the new LoRA's initial A matrices and the dropout draw from this
+    lora = p["lora"]
+    adapter_config = apply_lora(model, lora["rank"], lora["scale"], lora["dropout"], lora["keys"],
+                                lora.get("num_layers", -1))
+    trainable, total = parameter_counts(model)
+    pairs = {name: tokenize_pairs(r, tokenizer, cfg.max_seq_length, str(data / f"{name}.jsonl"))
+             for name, r in rows.items()}
+    print(f"{cfg.method.upper()} (beta {cfg.beta}) on {len(pairs['train'])} pairs, "
+          f"{len(pairs['valid'])} held out; LoRA rank {lora['rank']} on {', '.join(lora['keys'])} "
+          f"in the last {adapter_config['num_layers']} layers of {args.model}: {trainable:,} "
+          f"trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
+
+    # weights, tokenizer and chat template by content: a resumed run continues the same model
+    checkpoint = Checkpoint(args.checkpoint, run_fingerprint(p, args.model, args.data))
+    staged_live = checkpoint.folder / "dvclive"  # becomes args.live_dir on success only
+    live = None
+
+    def log(record: dict) -> None:
+        nonlocal live
+        if live is None:  # at the first record: after the checkpoint was loaded or discarded
+            shutil.rmtree(staged_live, ignore_errors=True)
+            live = Live(str(staged_live), resume=False, save_dvc_exp=False, dvcyaml=False)
+        live.step = record["step"]
+        for name, value in record.items():
+            if name not in NOT_PLOTTED and math.isfinite(value):
+                live.log_metric(name, value)
+
+    with tqdm(total=cfg.iters, desc="preference", unit="it", dynamic_ncols=True) as bar:
+        try:
+            result = train_preference(model, pairs["train"], pairs["valid"], cfg, checkpoint,
+                                      log=log, progress_bar=bar)
+        except PreferenceError as err:
+            kept = (f"the best adapter so far is {checkpoint.best_file}" if checkpoint.best_file.exists()
+                    else "no adapter was saved")
+            logs = f"; this run's logs are in {staged_live}" if live is not None else ""
+            raise PreferenceError(f"{err}\nNothing was written: {args.out}, {args.metrics} and "
+                                  f"{args.live_dir} are as the last successful run left them; "
+                                  f"{kept}{logs}") from None
+    live.end()
+
+    with atomic_dir(args.out) as out:
+        shutil.copyfile(checkpoint.best_file, out / "adapters.safetensors")
+        write_json_atomic(out / "adapter_config.json", {**adapter_config, "model": args.model})
+
+    base, best = result.base, result.best
+    summary = {
+        "method": cfg.method,
+        "beta": cfg.beta,
+        "train_pairs": len(pairs["train"]),
+        "valid_pairs": len(pairs["valid"]),
+        "base_val_loss": base["val_loss"],
+        "base_val_reward_accuracy": base["val_reward_accuracy"],
+        "best_val_loss": best["val_loss"],
+        "best_val_reward_accuracy": best["val_reward_accuracy"],
+        "best_val_reward_margin": best["val_reward_margin"],
+        "best_val_chosen_reward": best["val_chosen_reward"],
+        "best_val_rejected_reward": best["val_rejected_reward"],
+        "best_iteration": result.best_iteration,
+        "stopped_at": result.stopped_at,
+        "stop_reason": result.stop_reason,
+        "resumed_from": result.resumed_from,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_seconds": round(result.train_seconds, 1),
+        "seconds_per_iteration": result.train_seconds / max(1, result.stopped_at),
+        "reference_seconds": round(result.reference_seconds, 1),
+        "validation_seconds": round(result.validation_seconds, 1),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "peak_memory_gb": round(result.peak_memory_gb, 3),
+        "val_tokens": best["val_tokens"],
+        "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
+    }
+    write_json_atomic(args.metrics, summary)
+    with atomic_dir(args.live_dir) as out:
+        shutil.copytree(staged_live, out, dirs_exist_ok=True)
+    checkpoint.remove()  # finished: nothing stale is left to resume
+    print(f"{cfg.method} best val loss {best['val_loss']:.4f} (reward accuracy "
+          f"{best['val_reward_accuracy']:.2f}, margin {best['val_reward_margin']:+.4f}) at iteration "
+          f"{result.best_iteration}; step 0 {base['val_loss']:.4f}. Stopped at {result.stopped_at}: "
+          f"{result.stop_reason}. Reference {result.reference_seconds:.1f} s, validation "
+          f"{result.validation_seconds:.1f} s, peak memory {summary['peak_memory_gb']:.2f} GB")
+    if result.best_iteration == 0:
+        print("warning: no validation beat step 0: the adapters saved are step 0's, which change "
+              "nothing (the model equals models/fused)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage("preference", main)
