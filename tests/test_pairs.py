@@ -178,8 +178,8 @@ def test_self_play_and_arena_pairs_end_to_end(project):
     kept = [i for i in drawn if i not in (project["identical"], project["similar"])]
     assert out["metrics"] == {
         "candidates": 14, "generated": 12, "arena_candidates": 2, "dropped_cut": 0, "dropped_identical": 1,
-        "dropped_similar": 1, "self": 10, "arena": 2, "arena_other_adapter": 1,
-        "arena_test_excluded": 1, "arena_heldout_question_excluded": 1, "train": 9, "valid": 3,
+        "dropped_similar": 1, "self_pairs": 10, "arena_pairs": 2, "arena_other_adapter": 1,
+        "arena_test_excluded": 1, "arena_heldout_question_excluded": 1, "train_pairs": 9, "valid_pairs": 3,
         "max_tokens": MAX_TOKENS,
         "hit_token_limit": sum(project["answers"][i]["finish_reason"] == "length" for i in drawn),
         "chosen_chars": out["metrics"]["chosen_chars"], "rejected_chars": out["metrics"]["rejected_chars"]}
@@ -212,16 +212,16 @@ def test_self_play_only_uses_every_training_question_and_no_vote(project):
     assert "not a whole vote" not in result.stderr  # the votes are not even read
     metrics = outputs(project, "self")["metrics"]
     n = len(project["rows"])
-    assert (metrics["generated"], metrics["self"], metrics["arena"]) == (n, n - 2, 0)
+    assert (metrics["generated"], metrics["self_pairs"], metrics["arena_pairs"]) == (n, n - 2, 0)
     assert metrics["arena_other_adapter"] == metrics["arena_test_excluded"] == 0
-    assert (metrics["train"], metrics["valid"]) == (n - 2 - (n - 2) // 4, (n - 2) // 4)
+    assert (metrics["train_pairs"], metrics["valid_pairs"]) == (n - 2 - (n - 2) // 4, (n - 2) // 4)
 
 
 def test_arena_only_loads_no_model(project):
     result = run_pairs(project, "arena", sources=["arena"], model="no/such/model")
     assert result.returncode == 0, result.stderr
     out = outputs(project, "arena")
-    assert (out["metrics"]["generated"], out["metrics"]["arena"]) == (0, 2)
+    assert (out["metrics"]["generated"], out["metrics"]["arena_pairs"]) == (0, 2)
     assert (len(out["train"]), len(out["valid"])) == (1, 1)
     assert out["metrics"]["hit_token_limit"] == 0
 
@@ -233,7 +233,7 @@ def test_answers_cut_at_max_tokens_are_dropped_and_counted(project):
     assert result.returncode == 0, result.stderr
     metrics = outputs(project, "cut")["metrics"]
     assert metrics["hit_token_limit"] == metrics["dropped_cut"] == metrics["generated"] == 12
-    assert (metrics["self"], metrics["arena"]) == (0, 2)
+    assert (metrics["self_pairs"], metrics["arena_pairs"]) == (0, 2)
     assert "12 rejected answers cut at 8 tokens" in result.stdout
 
 

@@ -141,7 +141,7 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     compare = json.loads((tiny_project / "metrics/compare.json").read_text())
     assert set(compare) == {"lora_vs_base", "fused_vs_base", "fused_vs_lora", "dpo_vs_base", "dpo_vs_lora"}
     pairs = json.loads((tiny_project / "metrics/pairs.json").read_text())
-    assert pairs["train"] + pairs["valid"] == pairs["self"] + pairs["arena"] >= 2
+    assert pairs["train_pairs"] + pairs["valid_pairs"] == pairs["self_pairs"] + pairs["arena_pairs"] >= 2
     fused = json.loads((tiny_project / "metrics/fuse.json").read_text())
     assert fused["ok"] and fused["greedy_answers_identical"] == 2
     lora = json.loads((tiny_project / "metrics/eval_lora.json").read_text())

@@ -12,18 +12,23 @@ def row(rev, rank, loss, low, env="0.32.4", typ="baseline"):
             "lora_vs_base.word_overlap.ci95_low": low, "lora_vs_base.word_overlap.ci95_high": 0.03,
             "lora_vs_base.rouge_l.mean_difference": 0.03,
             "lora_vs_base.rouge_l.ci95_low": 0.02, "lora_vs_base.rouge_l.ci95_high": 0.04,
+            "dpo_vs_lora.word_overlap.mean_difference": -0.006,
+            "dpo_vs_lora.word_overlap.ci95_low": -0.018, "dpo_vs_lora.word_overlap.ci95_high": 0.005,
             "metrics/train.json:environment.mlx": env,
             "metrics/train.json:environment.python": "3.11.7"}
 
 
 def test_only_changed_params_the_curated_metrics_and_differing_versions():
-    rows = [row("workspace", 8, 3.51, 0.007, env="0.33.0"), row("main", 16, 3.5349, -0.001),
+    main = row("main", 16, 3.5349, -0.001)
+    # with metrics/preference.json beside it, exp_show names train.json's loss by its file
+    main["metrics/train.json:best_val_loss"] = main.pop("best_val_loss")
+    rows = [row("workspace", 8, 3.51, 0.007, env="0.33.0"), main,
             {**row("exp-1", 4, 3.6, 0.01), "typ": "branch_commit", "Experiment": "exp-1"}]
     headers, table = curate(rows)
     assert headers == ["run", "lora.rank", "best val loss", "overlap Δ", "overlap 95% CI",
-                       "ROUGE-L Δ", "ROUGE-L 95% CI", "mlx"]  # not data.seed, python, tokens/s
+                       "ROUGE-L Δ", "ROUGE-L 95% CI", "DPO−LoRA overlap Δ", "DPO−LoRA 95% CI", "mlx"]  # not data.seed, python, tokens/s
     assert table[1] == ["main", "16", "3.5349", "+0.0200", "-0.0010 … +0.0300", "+0.0300",
-                        "+0.0200 … +0.0400", "0.32.4"]
+                        "+0.0200 … +0.0400", "-0.0060", "-0.0180 … +0.0050", "0.32.4"]
     assert table[2][0].endswith("exp-1") and table[0][-1] == "0.33.0"
     text = render(headers, table)
     assert text.splitlines()[0].startswith("run") and "-0.0010 … +0.0300" in text

@@ -160,8 +160,8 @@ def too_few(n: int, metrics: dict) -> PairsError:
 
 
 def summary(metrics: dict) -> str:
-    return (f"{metrics['train']} train + {metrics['valid']} valid pairs ({metrics['self']} self, "
-            f"{metrics['arena']} arena) from {metrics['candidates']} candidates; dropped "
+    return (f"{metrics['train_pairs']} train + {metrics['valid_pairs']} valid pairs ({metrics['self_pairs']} self, "
+            f"{metrics['arena_pairs']} arena) from {metrics['candidates']} candidates; dropped "
             f"{metrics['dropped_cut']} rejected answers cut at {metrics['max_tokens']} tokens, "
             f"{metrics['dropped_identical']} identical, {metrics['dropped_similar']} similar; "
             f"arena votes left out: "
@@ -194,14 +194,15 @@ def build(p: dict, eval_p: dict, rows: list[dict], heldout_questions: set[str],
         "candidates": len(answers) + len(arena_candidates),
         "generated": len(answers), "arena_candidates": len(arena_candidates),
         "dropped_cut": cut, **dropped,
-        "self": sum(q["source"] == "self" for q in kept),
-        "arena": sum(q["source"] == "arena" for q in kept), **arena_counts,
+        # *_pairs, not train/arena: a metric named like a params section collides in exp_show
+        "self_pairs": sum(q["source"] == "self" for q in kept),
+        "arena_pairs": sum(q["source"] == "arena" for q in kept), **arena_counts,
     }
     if len(kept) < 2:
         raise too_few(len(kept), metrics)
     train, valid = split(kept, p["valid_ratio"], p["seed"])
     metrics.update({
-        "train": len(train), "valid": len(valid), "max_tokens": p["max_tokens"],
+        "train_pairs": len(train), "valid_pairs": len(valid), "max_tokens": p["max_tokens"],
         "hit_token_limit": sum(a["finish_reason"] == "length" for a in answers),
         "chosen_chars": mean_chars([q["chosen"] for q in kept]),
         "rejected_chars": mean_chars([q["rejected"] for q in kept]),

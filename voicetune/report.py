@@ -65,8 +65,8 @@ def preference_section(pref: dict, pairs: dict) -> list[str]:
     if not pref:
         return []
     method = pref.get("method", "dpo").upper()
-    made = (f"{pairs.get('self', 0)} pairs of the author's answer against the LoRA's own, "
-            f"{pairs.get('arena', 0)} from arena votes"
+    made = (f"{pairs.get('self_pairs', 0)} pairs of the author's answer against the LoRA's own, "
+            f"{pairs.get('arena_pairs', 0)} from arena votes"
             + (f" ({pairs.get('dropped_cut', 0)} dropped as cut at {pairs.get('max_tokens')} "
                f"tokens, {pairs.get('dropped_identical', 0) + pairs.get('dropped_similar', 0)} "
                "as near-identical)" if pairs else ""))

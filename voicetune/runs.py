@@ -6,7 +6,7 @@
 `dvc exp show` prints every param and every metric flattened (~150 columns), which buries
 what matters. This shows, per run: the params that differ between the runs shown, the best
 validation loss, LoRA vs base word overlap and ROUGE-L (mean paired difference and its 95%
-CI), and the library versions where they differ.
+CI), the preference-tuned model against the LoRA, and the library versions where they differ.
 """
 from __future__ import annotations
 
@@ -18,13 +18,17 @@ from .params import key_paths
 
 # (column title, exp_show key, format)
 METRICS = (
-    ("best val loss", "best_val_loss", "{:.4f}"),
+    # prefixed: metrics/preference.json has a best_val_loss too (exp_show then names both)
+    ("best val loss", "metrics/train.json:best_val_loss", "{:.4f}"),
     ("overlap Δ", "lora_vs_base.word_overlap.mean_difference", "{:+.4f}"),
     ("overlap 95% CI", ("lora_vs_base.word_overlap.ci95_low",
                         "lora_vs_base.word_overlap.ci95_high"), "{:+.4f} … {:+.4f}"),
     ("ROUGE-L Δ", "lora_vs_base.rouge_l.mean_difference", "{:+.4f}"),
     ("ROUGE-L 95% CI", ("lora_vs_base.rouge_l.ci95_low", "lora_vs_base.rouge_l.ci95_high"),
      "{:+.4f} … {:+.4f}"),
+    ("DPO−LoRA overlap Δ", "dpo_vs_lora.word_overlap.mean_difference", "{:+.4f}"),
+    ("DPO−LoRA 95% CI", ("dpo_vs_lora.word_overlap.ci95_low",
+                         "dpo_vs_lora.word_overlap.ci95_high"), "{:+.4f} … {:+.4f}"),
 )
 ENVIRONMENT = "metrics/train.json:environment."
 
@@ -34,9 +38,16 @@ def _name(row: dict) -> str:
     return f"  └ {name}" if row.get("typ") not in ("baseline", None) else name
 
 
+def _get(row: dict, key: str):
+    """``row[key]``; a file-prefixed key (``file:name``) falls back to the bare name, which is
+    what exp_show uses while the name belongs to one metrics file only (older runs)."""
+    value = row.get(key)
+    return row.get(key.partition(":")[2]) if value is None and ":" in key else value
+
+
 def _cell(row: dict, key, fmt: str) -> str:
     keys = key if isinstance(key, tuple) else (key,)
-    values = [row.get(k) for k in keys]
+    values = [_get(row, k) for k in keys]
     if any(v is None or isinstance(v, str) for v in values):
         return "-"
     return fmt.format(*values)
