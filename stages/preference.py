@@ -82,10 +82,13 @@ def main() -> int:
             if name not in NOT_PLOTTED and math.isfinite(value):
                 live.log_metric(name, value)
 
-    with tqdm(total=cfg.iters, desc="preference", unit="it", dynamic_ncols=True) as bar:
+    batches = sum(math.ceil(len(pairs[name]) / cfg.batch_size) for name in ("train", "valid"))
+    with tqdm(total=batches if cfg.method == "dpo" else 0, desc="reference log-probs", unit="batch",
+              disable=cfg.method != "dpo", dynamic_ncols=True) as reference_bar, \
+            tqdm(total=cfg.iters, desc="preference", unit="it", dynamic_ncols=True) as bar:
         try:
             result = train_preference(model, pairs["train"], pairs["valid"], cfg, checkpoint,
-                                      log=log, progress_bar=bar)
+                                      log=log, progress_bar=bar, reference_progress=reference_bar.update)
         except PreferenceError as err:
             kept = (f"the best adapter so far is {checkpoint.best_file}" if checkpoint.best_file.exists()
                     else "no adapter was saved")

@@ -381,7 +381,8 @@ class PreferenceResult:
 
 def train_preference(model, train_pairs: list[Pair], valid_pairs: list[Pair], cfg: PreferenceConfig,
                      checkpoint: Checkpoint, log: Callable[[dict], None] = lambda record: None,
-                     progress_bar=None) -> PreferenceResult:
+                     progress_bar=None, reference_progress: Callable[[], None] | None = None
+                     ) -> PreferenceResult:
     """Train the freshly adapted ``model`` (its new LoRA layers untrained: B = 0) on the
     pairs; the best adapter ends up in ``checkpoint.best_file``. ``log`` receives every
     record (train and validation), replayed from the checkpoint on resume."""
@@ -396,8 +397,11 @@ def train_preference(model, train_pairs: list[Pair], valid_pairs: list[Pair], cf
     tic = time.perf_counter()
     if cfg.method == "dpo":
         with adapters_off(model):
-            train_ref, _ = pair_logps(model, train_pairs, train_batches, cfg.max_seq_length)
-            valid_ref, valid_ntoks = pair_logps(model, valid_pairs, valid_batches, cfg.max_seq_length)
+            # minutes on a CPU for a few hundred pairs: ``reference_progress`` ticks per batch
+            train_ref, _ = pair_logps(model, train_pairs, train_batches, cfg.max_seq_length,
+                                      reference_progress)
+            valid_ref, valid_ntoks = pair_logps(model, valid_pairs, valid_batches, cfg.max_seq_length,
+                                                reference_progress)
         if not (np.isfinite(train_ref).all() and np.isfinite(valid_ref).all()):
             raise PreferenceError("the reference model gives non-finite log-probabilities: "
                                   "check models/fused (the fuse stage) and the pairs")
