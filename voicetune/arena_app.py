@@ -124,7 +124,6 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
     rng = rng or random.SystemRandom()
     battles: OrderedDict[str, Battle] = OrderedDict()
     app = FastAPI(title="voicetune arena", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.battles, app.state.config = battles, config
 
     def battle_of(battle_id: str) -> Battle:
         battle = battles.get(battle_id)

@@ -54,7 +54,6 @@ class Engine:
         self._waiting: list[int] = []  # job numbers in queue order, not yet started
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
-        self.answered = 0
         self._thread = threading.Thread(target=self._work, name="arena-generation", daemon=True)
         self._thread.start()
 
@@ -77,17 +76,12 @@ class Engine:
             except Exception as err:  # one bad request must not stop the server
                 job.emit(("error", f"{type(err).__name__}: {err}"))
                 continue
-            self.answered += 1
             job.emit(("done", record))
 
     def ahead_of(self, number: int) -> int:
         """How many answers will be generated before job ``number`` starts (one may be running)."""
         with self._lock:
             return self._waiting.index(number) if number in self._waiting else 0
-
-    def busy(self) -> int:
-        with self._lock:
-            return len(self._waiting)
 
     async def answer(self, name: str, messages: list, settings,
                      poll: float = 0.5) -> AsyncIterator[tuple]:
