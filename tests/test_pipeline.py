@@ -253,9 +253,11 @@ def test_a_bad_data_row_keeps_the_last_good_outputs(tiny_project):
 def train_process(dvc_process):
     import psutil
 
+    # The Python process itself, not the shell DVC may run it under: /bin/sh (dash) does not
+    # exec a `-c` command, so killing the shell would leave training running as an orphan.
     for child in dvc_process.children(recursive=True):
         try:
-            if "stages/train.py" in " ".join(child.cmdline()):
+            if "stages/train.py" in child.cmdline()[1:2]:
                 return child
         except psutil.Error:  # gone, or a zombie, between listing and asking
             continue
