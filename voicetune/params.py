@@ -190,6 +190,15 @@ class PreferenceParams(_Section):
     lora: LoraParams
 
 
+class KernelsParams(_Section):
+    """MLX's x86 CPU backend computes exp, sigmoid, softmax and SiLU one float at a time;
+    voicetune.fastpath replaces them (training and generation) with compiled polynomial
+    versions built from its fast primitives. A section of its own with a default: params
+    files written before it existed still validate."""
+    fast_cpu: Literal["auto", "on", "off"] = Field("auto", description=(
+        "auto (on when MLX runs on an x86 CPU), on, or off"))
+
+
 class Params(_Section):
     model: ModelParams
     data: DataParams
@@ -200,6 +209,7 @@ class Params(_Section):
     gguf: GgufParams
     arena: ArenaParams = Field(default_factory=ArenaParams)
     preference: PreferenceParams
+    kernels: KernelsParams = Field(default_factory=KernelsParams)
 
 
 # ------------------------------------------------------------------------------ reading
