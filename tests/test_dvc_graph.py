@@ -163,10 +163,10 @@ ATOMIC_TEMP = re.compile(r"^\.(.+)\.(tmp|old)-[^/]*$")
 # dvc.lock for arena and pairs: the train entry's md5 of models/adapters is the adapter the votes judged.
 # DVC rewrites dvc.lock after every stage, so it cannot be a dep; models/adapters is, and that
 # entry changes exactly when models/adapters does. The preference stage resumes from its own
-# checkpoint as train does.
+# checkpoint as train does; ingest reads its per-passage cache of replies.
 NOT_DEPS = {"train": ["models/.train-checkpoint"], "model_source": ["models/.source-hashes.json"],
             "arena": ["dvc.lock"], "pairs": ["dvc.lock"],
-            "preference": ["models/.preference-checkpoint"]}
+            "preference": ["models/.preference-checkpoint"], "ingest": ["cache/ingest"]}
 
 
 def read_audit_env(project: Path, log_dir: Path) -> dict:

@@ -127,6 +127,8 @@ def make_tiny_project(dest: Path, model_dir: Path) -> Path:
     for key, value in {"pairs": 8, "max_tokens": 6, "drop_cut_answers": False, "iters": 2, "batch_size": 2,
                        "steps_per_eval": 1, "save_every": 1, "max_seq_length": 256}.items():
         set_param(dest, "preference", key, value)
+    for key, value in {"limit": 8, "questions": 1, "max_tokens": 8, "batch_size": 32}.items():
+        set_param(dest, "ingest", key, value)
     return dest
 
 
@@ -146,6 +148,8 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     assert fused["ok"] and fused["greedy_answers_identical"] == 2
     lora = json.loads((tiny_project / "metrics/eval_lora.json").read_text())
     assert lora["n"] == 4 and lora["temperature"] == 0.0 and lora["hit_token_limit"] <= 4
+    ingested = json.loads((tiny_project / "metrics/ingest.json").read_text())
+    assert ingested["passages"] == 8 and (tiny_project / "data/ingested/pairs.jsonl").exists()
     shown = json.loads(dvc(tiny_project, "metrics", "show", "--json").stdout)
     assert "metrics/eval_fused.json" in json.dumps(shown)
 
@@ -296,3 +300,39 @@ def test_a_killed_training_run_keeps_the_last_good_outputs_then_resumes(tiny_pro
     resumed = dvc(tiny_project, "repro").stdout
     assert "Running stage 'train'" in resumed and "Running stage 'report'" in resumed
     assert json.loads((tiny_project / "metrics/train.json").read_text())["resumed_from"]
+
+
+def test_the_my_blog_recipe_goes_from_a_folder_of_posts_to_data_split_by_post(tmp_path, tiny_model_dir):
+    """`make recipe R=my-blog`, posts in posts/, `dvc repro`: ingest feeds prepare, and every
+    post's pairs land in one split. The generator is a stand-in OpenAI-compatible server on
+    127.0.0.1 (tests/test_ingest.py's, with grounded first-person answers): the tiny random
+    model writes no parseable question."""
+    from .test_ingest import FakeOpenAI
+    from http.server import ThreadingHTTPServer
+    import threading
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        project = make_tiny_project(tmp_path / "repo", tiny_model_dir)
+        shutil.copytree(project / "data/sample/posts", project / "posts")
+        recipe = subprocess.run([sys.executable, "-m", "voicetune.recipe", "recipes/my-blog.yaml"],
+                                cwd=project, capture_output=True, text=True, env=dvc_env())
+        assert recipe.returncode == 0, recipe.stderr
+        set_param(project, "ingest", "endpoint", f"http://127.0.0.1:{server.server_address[1]}/v1")
+        set_param(project, "ingest", "questions", 2)
+        out = dvc(project, "repro", "prepare").stdout
+        assert "Running stage 'ingest'" in out and "Running stage 'prepare'" in out
+    finally:
+        server.shutdown()
+    ingested = [json.loads(line) for line in (project / "data/ingested/pairs.jsonl").read_text().splitlines()]
+    post_of = {row["conversation"][0]["content"]: row["post_id"] for row in ingested}
+    metrics = json.loads((project / "metrics/ingest.json").read_text())
+    assert metrics["posts"] == 8 and metrics["pairs"] == len(ingested) > 20
+    posts_in = {}
+    for name in ("train", "valid", "test"):
+        rows = [json.loads(line) for line in (project / f"data/processed/{name}.jsonl").read_text().splitlines()]
+        questions = [m["content"] for row in rows for m in row["messages"] if m["role"] == "user"]
+        assert questions
+        posts_in[name] = {post_of[q] for q in questions}
+    assert sum(len(s) for s in posts_in.values()) == len(set().union(*posts_in.values())) == 8

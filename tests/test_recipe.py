@@ -133,7 +133,7 @@ def test_cli_prints_changes_and_errors(params, capsys):
            "self_attn.o_proj] -> [self_attn.o_proj]" in out
     assert "train.grad_checkpoint: false -> true" in out
     assert main([str(RECIPES / "nope.yaml"), "--params", str(params)]) == 1
-    assert "available: phi3-blog" in capsys.readouterr().err
+    assert "available: my-blog, phi3-blog" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_invalid_result_without_a_traceback(params, tmp_path):

@@ -57,6 +57,7 @@ class Exchange:
     assistant: str
     where: str  # "file:line" of the row it came from
     group: int  # index of the source row (conversation), for grouped splits
+    post: str | None = None  # the row's post_id (rows written by the ingest stage), for split_by post
 
 
 BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it; it is no data
@@ -200,7 +201,9 @@ def exchanges_from_row(row: object, where: str, group: int, forbidden: Iterable[
                 problems.append(f"{where}: field '{field}': expected a user message followed by an "
                                 f"assistant answer, got {' then '.join(roles)}")
                 break
-            exchanges.append(Exchange(pair[0][1], pair[1][1], where, group))
+            post = row.get("post_id")
+            exchanges.append(Exchange(pair[0][1], pair[1][1], where, group,
+                                      post if isinstance(post, str) else None))
     return exchanges, problems
 
 
@@ -270,7 +273,9 @@ def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: 
     With ``by="conversation"`` (the default) whole source rows go to one split: the later
     exchanges of a conversation continue its earlier ones, so splitting them apart would test
     the model on what it trained on. Test and valid are then filled to at least their target
-    size. ``by="exchange"`` shuffles the exchanges themselves.
+    size. ``by="post"`` does the same with every exchange of one post (the ``post_id`` of rows
+    the ingest stage writes): questions about one post would otherwise be tested on answers
+    trained from its other passages. ``by="exchange"`` shuffles the exchanges themselves.
     """
     if not (0 <= valid_ratio < 1 and 0 <= test_ratio < 1 and valid_ratio + test_ratio < 1):
         raise ValueError(f"data.valid_ratio={valid_ratio} and data.test_ratio={test_ratio} "
@@ -281,11 +286,17 @@ def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: 
         order = [exchanges[i] for i in _seeded_order(n, seed)]
         return {"train": order[n_test + n_valid:], "valid": order[n_test:n_test + n_valid],
                 "test": order[:n_test]}
-    if by != "conversation":
-        raise ValueError(f"data.split_by must be 'exchange' or 'conversation', got {by!r}")
-    groups: dict[int, list[Exchange]] = {}
+    if by not in ("conversation", "post"):
+        raise ValueError(f"data.split_by must be 'exchange', 'conversation' or 'post', got {by!r}")
+    if by == "post":
+        lacking = [ex.where for ex in exchanges if ex.post is None]
+        if lacking:
+            raise DataError([f"{where}: no post_id (a string)" for where in lacking],
+                            header="data.split_by is post, but rows lack the post_id that the "
+                                   "ingest stage writes (use split_by: conversation for other data)")
+    groups: dict = {}
     for ex in exchanges:
-        groups.setdefault(ex.group, []).append(ex)
+        groups.setdefault(ex.post if by == "post" else ex.group, []).append(ex)
     keys = sorted(groups)
     out = {"test": [], "valid": [], "train": []}
     for i in _seeded_order(len(keys), seed):

@@ -72,7 +72,7 @@ class DataParams(_Section):
     seed: Seed
     valid_ratio: Ratio
     test_ratio: Ratio
-    split_by: Literal["exchange", "conversation"] = "conversation"
+    split_by: Literal["exchange", "conversation", "post"] = "conversation"
 
     @model_validator(mode="after")
     def _something_left_to_train_on(self):
@@ -199,6 +199,36 @@ class KernelsParams(_Section):
         "auto (on when MLX runs on an x86 CPU), on, or off"))
 
 
+class IngestParams(_Section):
+    """Posts -> grounded question/answer pairs (the ingest stage). A section of its own with
+    defaults: params files written before it existed still validate."""
+    source: str = Field("data/sample/posts", min_length=1, description=(
+        "a folder (or file) of .md, .html or RSS/Atom feed posts"))
+    endpoint: Optional[str] = Field(None, pattern=r"^https?://\S+$", description=(
+        "the base URL of an OpenAI-compatible API (http://127.0.0.1:8080/v1) or null (in-process)"))
+    endpoint_model: str = Field("default_model", min_length=1)
+    api_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "the name of an environment variable holding the API key, or null (no key)"))
+    timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
+    keep_code: bool = False
+    on_error: Literal["skip", "refuse"] = "skip"
+    max_words: int = Field(220, ge=20)
+    min_words: int = Field(40, ge=1)
+    limit: Optional[int] = Field(None, ge=1, description=(
+        "an integer >= 1 (the first N passages) or null (all)"))
+    questions: int = Field(3, ge=1, le=20)
+    max_tokens: int = Field(128, ge=8)
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(1.1, gt=0, allow_inf_nan=False)
+    seed: Seed = 0
+    batch_size: int = Field(8, ge=1)
+    min_answer_words: int = Field(8, ge=1)
+    max_answer_words: int = Field(150, ge=1)
+    min_grounding: float = Field(0.3, ge=0, le=1, allow_inf_nan=False)
+    max_copied: float = Field(0.6, ge=0, le=1, allow_inf_nan=False)
+    trim_cut: bool = True
+
+
 class Params(_Section):
     model: ModelParams
     data: DataParams
@@ -210,6 +240,7 @@ class Params(_Section):
     arena: ArenaParams = Field(default_factory=ArenaParams)
     preference: PreferenceParams
     kernels: KernelsParams = Field(default_factory=KernelsParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
 
 
 # ------------------------------------------------------------------------------ reading
