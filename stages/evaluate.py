@@ -18,6 +18,7 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import blas  # before mlx: a fast BLAS on Linux
+from voicetune import fastpath
 from voicetune.environment import versions
 from voicetune.files import write_json_atomic, write_text_atomic
 from voicetune.fusion import load_float32
@@ -43,8 +44,10 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="predictions JSONL (default data/eval/<model>.jsonl)")
     ap.add_argument("--metrics", default=None, help="default metrics/eval_<model>.json")
     args = ap.parse_args()
-    p = load_params(args.params)["eval"]  # validates all of params.yaml, before any work
+    params = load_params(args.params)  # validates all of params.yaml, before any work
+    p = params["eval"]
     blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
+    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
     out = Path(args.out or f"data/eval/{args.model}.jsonl")
     metrics_path = Path(args.metrics or f"metrics/eval_{args.model}.json")
 
@@ -76,6 +79,7 @@ def main() -> int:
         "temperature": p["temperature"], "seed": p["seed"] if p["temperature"] > 0 else None,
         "repetition_penalty": p.get("repetition_penalty"),
         "max_tokens": p["max_tokens"], "generated_tokens": sum(a["tokens"] for a in answers),
+        "fast_cpu_kernels": fast_cpu,
         "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     })  # no timings here: two runs must give identical metrics (speed: python -m voicetune.bench_generation)
     # both outputs are replaced at the very end: a failure above keeps the last good pair

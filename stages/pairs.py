@@ -14,7 +14,7 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import blas  # before mlx: a fast BLAS on Linux
-from voicetune import pairs
+from voicetune import fastpath, pairs
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.fusion import load_float32
 from voicetune.params import load_params
@@ -36,6 +36,7 @@ def main() -> int:
     params = load_params(args.params)  # validates all of params.yaml, before any work
     p, eval_p = params["preference"], params["eval"]
     blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
+    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
     data = Path(args.data)
     rows = pairs.read_exchanges(data / "train.jsonl")
     heldout = pairs.heldout([data / "valid.jsonl", data / "test.jsonl"])
@@ -63,6 +64,7 @@ def main() -> int:
     with tqdm(total=questions, desc="generate (rejected)", unit="answer", disable=not questions) as bar:
         train, valid, metrics = pairs.build(p, eval_p, rows, heldout, votes, adapter, load_model,
                                             progress=bar.update)
+    metrics["fast_cpu_kernels"] = fast_cpu
     # both outputs are replaced at the very end: a failure above keeps the last good pair
     with atomic_dir(args.out) as tmp:
         (tmp / "train.jsonl").write_text(pairs.jsonl(train), encoding="utf-8")

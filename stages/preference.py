@@ -20,6 +20,7 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import blas  # before mlx: a fast BLAS on Linux
+from voicetune import fastpath
 from voicetune.environment import versions
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.fusion import load_float32
@@ -47,13 +48,15 @@ def main() -> int:
     ap.add_argument("--live-dir", default="dvclive/preference")
     ap.add_argument("--checkpoint", default="models/.preference-checkpoint")
     args = ap.parse_args()
-    p = load_params(args.params)["preference"]  # validates all of params.yaml, before any work
+    params = load_params(args.params)  # validates all of params.yaml, before any work
+    p = params["preference"]
     cfg = PreferenceConfig.from_params(p)
     data = Path(args.data)
     rows = {name: read_pairs(data / f"{name}.jsonl") for name in ("train", "valid")}
     check_counts(rows["train"], rows["valid"])  # before the model is loaded
 
     blas.check()
+    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
     model, tokenizer, _ = load_float32(args.model)  # float32 on CPU, like the fuse stage's check
     mx.random.seed(cfg.seed)  # the new LoRA's initial A matrices and the dropout draw from this
     lora = p["lora"]
@@ -128,6 +131,7 @@ def main() -> int:
         "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_memory_gb": round(result.peak_memory_gb, 3),
         "val_tokens": best["val_tokens"],
+        "fast_cpu_kernels": fast_cpu,
         "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     }
     write_json_atomic(args.metrics, summary)

@@ -21,7 +21,7 @@ import types
 from pathlib import Path
 
 from voicetune.errors import run_stage
-from voicetune import blas, estimate
+from voicetune import blas, estimate, fastpath
 from voicetune.environment import versions
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.lora import apply_lora, parameter_counts
@@ -55,6 +55,7 @@ def main() -> int:
     group = mx.distributed.init()
     lead = group.rank() == 0  # only rank 0 prints the summary and writes outputs
     blas.check(verbose=lead)
+    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
     mx.random.seed(cfg.seed)  # LoRA's initial A matrices and dropout draw from this
     model, tokenizer = load(args.model)
     if mx.default_device() == mx.cpu:
@@ -131,6 +132,7 @@ def main() -> int:
         "peak_memory_gb": round(result.peak_memory_gb, 3),
         "val_samples": result.val_samples,
         "val_tokens": result.val_tokens,
+        "fast_cpu_kernels": fast_cpu,
         "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     }
     write_json_atomic(args.metrics, summary)

@@ -90,7 +90,8 @@ def serve(args) -> int:
               "with your models and vote. The arena has no login; use 127.0.0.1 unless you "
               "mean it.", file=sys.stderr)
     models = ChatModels(args.base, args.adapters, args.fused, check=not args.no_check,
-                        preference_adapters=args.preference_adapters)
+                        preference_adapters=args.preference_adapters,
+                        fast_cpu=params["kernels"]["fast_cpu"])
     models.prepare(sorted(set(battle_models) | set(chat_models), key=NAMES.index))  # no load mid-battle
     adapter = adapter_identity(".") if not args.no_check else None
     config = ArenaConfig(models=battle_models, chat_models=chat_models,

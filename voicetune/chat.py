@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     settings = Settings.from_params(params, args.max_tokens, args.temperature)
     active = parse_models(args.compare) if args.compare else [args.model]
     models = ChatModels(args.base, args.adapters, args.fused, check=not args.no_check,
-                        preference_adapters=args.preference_adapters)
+                        preference_adapters=args.preference_adapters,
+                        fast_cpu=params["kernels"]["fast_cpu"])
     models.prepare(active)  # a missing or stale model stops here, before the first question
     try:
         import readline  # noqa: F401  (line editing and history for input(), where available)

@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.utils import load_adapters
 
+from . import fastpath
 from .errors import UserError
 from .freshness import require_fresh
 from .fusion import load_float32
@@ -51,15 +52,20 @@ class _Switchable:
 
 
 class ChatModels:
-    """``get(name) -> (model, tokenizer)`` for base, lora, fused and dpo, loading at first use."""
+    """``get(name) -> (model, tokenizer)`` for base, lora, fused and dpo, loading at first use.
+
+    ``fast_cpu`` is params.yaml's ``kernels.fast_cpu`` (``voicetune.fastpath``); None leaves
+    the kernels as they are."""
 
     def __init__(self, base: str | Path = "models/base", adapters: str | Path = "models/adapters",
                  fused: str | Path = "models/fused", check: bool = True, root: str | Path = ".",
-                 log=print, preference_adapters: str | Path = "models/preference_adapters"):
+                 log=print, preference_adapters: str | Path = "models/preference_adapters",
+                 fast_cpu: str | None = None):
         self.paths = {"base": Path(base), "adapters": Path(adapters), "fused": Path(fused),
                       "preference_adapters": Path(preference_adapters)}
         self.check, self.root, self.log = check, Path(root), log
         self._copies: dict[str, _Switchable] = {}  # "base" / "fused" -> its loaded copy
+        self.fast_cpu = fastpath.enable(fast_cpu) if fast_cpu is not None else fastpath.active()
 
     def _require(self, what: str) -> None:
         path = self.paths[what]
