@@ -6,7 +6,8 @@
     python -m voicetune.bench_torch --model DIR --generate [--batch 4] [--prompt-len 64]
         [--new-tokens 32]
 
-Prints one JSON line. DIR is a Hugging Face folder (llama or phi3 config.json, float32
+Prints one JSON line, with the process's own matmul rate (``matmul_gflops``, a probe of the
+benchmark's ceiling). DIR is a Hugging Face folder (llama or phi3 config.json, float32
 model.safetensors; without weights the model is randomly initialised with the same shapes).
 Run each configuration in its own process: peak memory is the process's max RSS.
 """
@@ -52,6 +53,20 @@ def _set_threads(threads: int | None) -> dict:
     return {"torch": torch.__version__, "default_threads": default,
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def matmul_gflops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> float:
+    """PyTorch's float32 matmul rate in GFLOP/s, the best of ``repeats`` products at each
+    size: a probe of the ceiling (voicetune.bench takes the best of all its probes)."""
+    rates = []
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return max(rates)
 
 
 def load_model(model_dir: str | Path):
@@ -109,6 +124,7 @@ def torch_lora_train_bench(model_dir, keys: list[str] | None = None, rank: int =
     timed steps after ``warmup`` untimed ones."""
     _require_torch()
     info = _set_threads(threads)
+    info["matmul_gflops"] = matmul_gflops()
     torch.manual_seed(seed)
     model, loaded = load_model(model_dir)
     model.config.use_cache = False
@@ -155,6 +171,7 @@ def torch_generation_bench(model_dir, batch_size: int = 4, prompt_len: int = 64,
     sequence (min_new_tokens = max_new_tokens), at batch 1 and at ``batch_size``."""
     _require_torch()
     info = _set_threads(threads)
+    info["matmul_gflops"] = matmul_gflops()
     model, loaded = load_model(model_dir)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -171,10 +188,10 @@ def torch_generation_bench(model_dir, batch_size: int = 4, prompt_len: int = 64,
         assert out.shape == (batch, prompt_len + count), out.shape
         return elapsed
 
-    run(1, 4)  # warm-up
     result = {"framework": "torch", "model": str(model_dir), "weights_loaded": loaded,
               "prompt_len": prompt_len, "new_tokens": new_tokens}
     for name, batch in (("batch_1", 1), (f"batch_{batch_size}", batch_size)):
+        run(batch, 4)  # warm-up at this batch size, as MLX's side
         seconds = run(batch, new_tokens)
         result[name] = {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds}
     return {**result, "peak_rss_gb": _peak_rss_gb(), **info}
