@@ -324,3 +324,15 @@ def test_a_params_file_from_before_the_arena_gets_its_defaults(tmp_path):
     del params["arena"]
     assert load_params(write(tmp_path, params))["arena"] == {
         "adapter": "current", "rounds": 1000, "seed": 0, "models": ["base", "lora"]}
+
+
+def test_fast_cpu_on_and_off_read_as_yaml_booleans_are_accepted(tmp_path):
+    # PyYAML (and `dvc exp run -S kernels.fast_cpu=off`) read a bare on/off as true/false
+    text = (ROOT / "params.yaml").read_text()
+    for bare, expected in (("off", "off"), ("on", "on"), ("auto", "auto"), ("'off'", "off")):
+        path = tmp_path / f"{bare}.yaml"
+        path.write_text(re.sub(r"(?m)^  fast_cpu: \S+", f"  fast_cpu: {bare}", text))
+        assert load_params(path)["kernels"]["fast_cpu"] == expected
+    path.write_text(re.sub(r"(?m)^  fast_cpu: \S+", "  fast_cpu: fast", text))
+    with pytest.raises(ParamsError, match="kernels.fast_cpu: got \"fast\""):
+        load_params(path)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import UserError
@@ -197,6 +198,12 @@ class KernelsParams(_Section):
     files written before it existed still validate."""
     fast_cpu: Literal["auto", "on", "off"] = Field("auto", description=(
         "auto (on when MLX runs on an x86 CPU), on, or off"))
+
+    @field_validator("fast_cpu", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value):
+        # YAML 1.1 (PyYAML, and DVC's `-S kernels.fast_cpu=off`) reads a bare on/off as a boolean
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 class IngestParams(_Section):
