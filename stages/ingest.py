@@ -49,7 +49,8 @@ def main() -> int:
         blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
         fastpath.enable(params["kernels"]["fast_cpu"])
     generator = ingest.make_generator(p, args.model)
-    with tqdm(total=len(passages), desc="ingest", unit="passage") as bar:
+    # replies: each passage's questions, then an answer per question
+    with tqdm(total=len(passages) * (1 + p["questions"]), desc="ingest", unit="reply") as bar:
         rows, metrics = ingest.run(posts, passages, params["data"]["system_prompt"], generator, p,
                                    args.cache, progress=bar.update)
     metrics = {"source": p["source"], **in_source, "problems": [str(x) for x in problems], **metrics}

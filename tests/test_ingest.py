@@ -95,7 +95,7 @@ class Fake:
         self.calls, self.chats, self.fail_after = 0, [], fail_after
         self.shared_question = shared_question
 
-    def complete(self, chats):
+    def complete(self, chats, progress=None):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("killed")
         self.calls += 1
@@ -112,6 +112,8 @@ class Fake:
                 passage = chat[0]["content"].split(":\n\n", 1)[1].split()
                 out.append(Reply("I wrote that " + " and ".join(passage[1:40:4]) + ", as I remember it.",
                                  "stop"))
+            if progress:
+                progress(1)
         return out
 
 
@@ -141,6 +143,21 @@ def ingest_run(source: Path, cache: Path, generator, **params):
     passages = [x for post in posts for x in split_passages(post, 80, 10)]
     rows, metrics = ingest.run(posts, passages, PERSONA, generator, p, cache)
     return rows, metrics, passages
+
+
+def test_progress_counts_every_reply_as_it_comes_and_ends_at_the_total(tmp_path):
+    posts, _ = read_posts(corpus(tmp_path / "posts"))
+    passages = [x for post in posts for x in split_passages(post, 80, 10)]
+    p = {**P, "questions": 3, "batch_size": 4, "min_grounding": 0.2}  # Fake asks only 2
+    total = len(passages) * (1 + p["questions"])
+    for _ in range(2):  # generated, then all from the cache
+        ticks = []
+        ingest.run(posts, passages, PERSONA, Fake(), p, tmp_path / "cache", progress=ticks.append)
+        assert sum(ticks) == total
+    # while generating, one tick per reply (the first batch: 4 question lists, then 8 answers)
+    ticks = []
+    ingest.run(posts, passages, PERSONA, Fake(), p, tmp_path / "other", progress=ticks.append)
+    assert ticks[:12] == [1] * 12 and ticks[12] == 4 * 3 - 8
 
 
 def test_pairs_carry_provenance_in_the_format_prepare_reads(tmp_path):

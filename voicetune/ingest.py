@@ -119,14 +119,16 @@ class InProcess:
                     digest.update(chunk)
         self.identity = f"{self.name} sha256:{digest.hexdigest()}"
 
-    def complete(self, chats: list[list[dict]]) -> list[Reply]:
+    def complete(self, chats: list[list[dict]], progress: Callable[[int], None] | None = None
+                 ) -> list[Reply]:
+        """One reply per chat; ``progress(1)`` as each one is finished."""
         from .generation import generate_batched, prompt_tokens
 
         prompts = [prompt_tokens(self.tokenizer, chat) for chat in chats]
         # every prompt of the call in one continuous batch: on a CPU, decoding 24 answers at
         # once costs little more than decoding 8
         out = generate_batched(self.model, self.tokenizer, prompts, **self.settings,
-                               batch_size=max(1, min(len(prompts), 64)))
+                               batch_size=max(1, min(len(prompts), 64)), progress=progress)
         return [Reply(o["prediction"], o["finish_reason"]) for o in out]
 
 
@@ -151,7 +153,9 @@ class Endpoint:
         self.settings = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
         self.name = self.identity = f"endpoint {url} model {model}"
 
-    def complete(self, chats: list[list[dict]]) -> list[Reply]:
+    def complete(self, chats: list[list[dict]], progress: Callable[[int], None] | None = None
+                 ) -> list[Reply]:
+        """One reply per chat, a request each; ``progress(1)`` after each."""
         import openai
 
         replies = []
@@ -176,6 +180,8 @@ class Endpoint:
             choice = r.choices[0]
             replies.append(Reply(choice.message.content or "",
                                  "length" if choice.finish_reason == "length" else "stop"))
+            if progress:
+                progress(1)
         return replies
 
 
@@ -303,7 +309,11 @@ def generate(passages: list, titles: dict[str, str | None], persona: str, genera
              ) -> tuple[list[dict], list[int]]:
     """The raw replies for every passage, in order: ``{"questions_reply", "answers"}``, from the
     cache or generated ``p["batch_size"]`` passages at a time, each written to the cache as soon
-    as its batch completes. Returns them and the indices of the passages generated (not cached)."""
+    as its batch completes. Returns them and the indices of the passages generated (not cached).
+
+    ``progress(n)`` counts replies, ``1 + p["questions"]`` per passage (its questions, then an
+    answer each), as they are generated: a batch of passages takes minutes on a CPU. Answers
+    not needed (a question that did not parse) are counted when their batch ends."""
     cache_dir = Path(cache_dir)
     records: list[dict | None] = [None] * len(passages)
     todo = []
@@ -312,16 +322,19 @@ def generate(passages: list, titles: dict[str, str | None], persona: str, genera
         records[i] = read_cached(cache_dir / f"{key}.json")
         if records[i] is None:
             todo.append((i, key))
+    per_passage = 1 + p["questions"]
     hits = len(passages) - len(todo)
     if progress and hits:
-        progress(hits)
+        progress(hits * per_passage)
     for start in range(0, len(todo), p["batch_size"]):
         batch = todo[start:start + p["batch_size"]]
         qreplies = generator.complete([question_chat(titles.get(passages[i].post_id), passages[i].heading,
-                                                     passages[i].text, p["questions"]) for i, _ in batch])
+                                                     passages[i].text, p["questions"]) for i, _ in batch],
+                                      progress)
         asked = [(i, q) for (i, _), r in zip(batch, qreplies)
                  for q in unique(parse_questions(r.text, p["questions"])[0])]
-        areplies = generator.complete([answer_chat(persona, passages[i].text, q) for i, q in asked])
+        areplies = generator.complete([answer_chat(persona, passages[i].text, q) for i, q in asked],
+                                      progress)
         for (i, key), qr in zip(batch, qreplies):
             answers = [{"question": q, "text": a.text, "finish_reason": a.finish_reason}
                        for (j, q), a in zip(asked, areplies) if j == i]
@@ -330,8 +343,8 @@ def generate(passages: list, titles: dict[str, str | None], persona: str, genera
                           "questions_reply": {"text": qr.text, "finish_reason": qr.finish_reason},
                           "answers": answers}
             write_json_atomic(cache_dir / f"{key}.json", records[i])  # a killed run resumes here
-        if progress:
-            progress(len(batch))
+        if progress:  # the answers that were never asked for
+            progress(len(batch) * p["questions"] - len(asked))
     return records, [i for i, _ in todo]
 
 
