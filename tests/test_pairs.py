@@ -8,6 +8,7 @@ import shutil
 import pytest
 import yaml
 
+from voicetune import fastpath
 from voicetune.fusion import load_float32
 from voicetune.generation import generate_batched, prompt_tokens
 from voicetune.pairs import (PairsError, arena_pairs, drop_alike, heldout, read_exchanges, sample,
@@ -182,7 +183,8 @@ def test_self_play_and_arena_pairs_end_to_end(project):
         "arena_test_excluded": 1, "arena_heldout_question_excluded": 1, "train_pairs": 9, "valid_pairs": 3,
         "max_tokens": MAX_TOKENS,
         "hit_token_limit": sum(project["answers"][i]["finish_reason"] == "length" for i in drawn),
-        "chosen_chars": out["metrics"]["chosen_chars"], "rejected_chars": out["metrics"]["rejected_chars"]}
+        "chosen_chars": out["metrics"]["chosen_chars"], "rejected_chars": out["metrics"]["rejected_chars"],
+        "fast_cpu_kernels": fastpath.resolve("auto")}  # kernels.fast_cpu: auto, as committed
     pairs = out["train"] + out["valid"]
     assert all(list(p) == ["prompt", "chosen", "rejected", "system", "source", "question_index"]
                and p["system"] == PERSONA for p in pairs)

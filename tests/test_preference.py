@@ -324,6 +324,9 @@ def test_early_stop_keeps_the_best_adapter(tmp_path, tiny_model_dir, pairs_dir):
     # adapter kept must be the best one, not the last
     params = stage_params(learning_rate=1e-2, iters=60, steps_per_eval=2,
                           early_stopping={"patience": 2, "min_delta": 0.0})
+    # a wobble at lr 1e-2 is chaotic: with the x86 fast path's SwiGLU (1e-7 apart per element)
+    # this run found no early stop in 60 iterations; the stopping logic is tested on MLX's kernels
+    params["kernels"] = {"fast_cpu": "off"}
     folder, result = run_preference(tmp_path, tiny_model_dir, pairs_dir, params)
     assert result.returncode == 0, result.stderr
     summary = json.loads((folder / "preference.json").read_text())
