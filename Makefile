@@ -4,16 +4,20 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test clean recipe bench train-distributed lock runs chat bench-chat publish gguf arena arena-export
+.PHONY: setup repro test clean recipe blas bench train-distributed lock runs chat bench-chat publish gguf arena arena-export
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
-	@# mlx[cpu] gets a real BLAS from cmeel-openblas, which needs the system libgfortran5
-	@if [ "$$(uname -s)" = Linux ] && ! ldconfig -p | grep -q 'libgfortran.so.5 '; then \
+	@# mlx[cpu] needs a real BLAS (voicetune/blas.py proves each candidate before loading it):
+	@# the PyPI OpenBLAS builds need the system libgfortran5, and Debian's DYNAMIC_ARCH
+	@# libopenblas0-pthread is the fallback that fits every CPU
+	@if [ "$$(uname -s)" = Linux ] && ! { ldconfig -p | grep -q 'libgfortran.so.5 ' && \
+	    ldconfig -p | grep -q 'libopenblas.so.0 '; }; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgfortran5; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgfortran5 libopenblas0-pthread; \
 	  else \
-	    echo "NOTE: install libgfortran5 (sudo apt-get install libgfortran5) or MLX runs ~20x slower"; \
+	    echo "NOTE: install libgfortran5 and a DYNAMIC_ARCH OpenBLAS (Debian/Ubuntu: sudo apt-get install libgfortran5 libopenblas0-pthread;"; \
+	    echo "      Fedora: sudo dnf install libgfortran openblas-pthreads), or MLX may run ~20x slower: see make blas"; \
 	  fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +37,11 @@ test: setup  ## run the test suite
 
 recipe: setup  ## apply recipes/$(R).yaml to params.yaml, e.g. make recipe R=phi3-blog; then make repro
 	$(BIN)/python -m voicetune.recipe recipes/$(R).yaml
+
+# Which BLAS MLX computes with: every candidate proved in a child process (a crash, a wrong
+# product or a hang rejects it, with the reason), its kernels, threads and GFLOP/s.
+blas: setup  ## which BLAS MLX uses here and why: every candidate's verdict
+	$(BIN)/python -m voicetune.blas_report
 
 bench: setup  ## speed: MLX vs PyTorch+PEFT vs the matmul ceiling -> metrics/bench.json
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -584,6 +584,7 @@ def main(argv=None) -> None:
               "--warmup", str(args.warmup)]
     gen = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     report = {"machine": {"cpus": os.cpu_count(), "openblas": shown_path(blas.loaded),
+                          **blas.describe(),
                           **elementwise_rates()},
               "settings": {k: getattr(args, k) for k in ("batch", "seq_len", "steps", "warmup",
                                                         "repeats", "gen_batch", "prompt_len",

@@ -10,15 +10,19 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
+from . import blas
+
 # What decides the numbers: the array library and its kernels, the model/tokenizer code,
 # numpy (batching, bootstrap), and what reads the data.
 PACKAGES = ("mlx", "mlx-lm", "numpy", "tokenizers", "transformers", "huggingface-hub",
             "safetensors", "dvc")
 
 
-def versions(packages=PACKAGES) -> dict[str, str]:
+def versions(packages=PACKAGES) -> dict[str, object]:
     """``{"python": "3.11.7", "platform": "Linux-x86_64", "mlx": "0.32.4", ...}``;
-    a package that is not installed is recorded as ``"not installed"``."""
+    a package that is not installed is recorded as ``"not installed"``. Then the BLAS that
+    MLX's CPU matmuls ran on (library and version, the core its kernels were chosen for, its
+    threads): a different one may move the last digits of every float."""
     found = {"python": platform.python_version(),
              "platform": f"{platform.system()}-{platform.machine()}"}
     for name in packages:
@@ -26,4 +30,4 @@ def versions(packages=PACKAGES) -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
-    return found
+    return found | blas.describe()
