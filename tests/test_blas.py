@@ -306,3 +306,19 @@ def test_slow_blas_warning(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "WARNING: MLX float32 matmul runs at 5.0 GFLOP/s" in err and "libgfortran5" in err
     assert "libopenblas0-pthread" in err and "make blas" in err
+
+
+@linux_only
+def test_make_blas_marks_the_loaded_library_chosen_and_times_every_good_one(capsys):
+    from voicetune import blas_report
+
+    assert blas_report.main(["--measure", "1"]) == 0
+    out = capsys.readouterr().out
+    chosen_rows = [line for line in out.splitlines() if "| chosen |" in line]
+    assert len(chosen_rows) == 1 and f"`{blas.loaded}`" in chosen_rows[0]
+    timed = [line for line in out.split("GFLOP/s (median of 1 interleaved rounds):")[1].splitlines()
+             if line.startswith("| ") and "candidate" not in line]
+    assert len(timed) == out.count("| chosen |") + out.count("| ok |") >= 1
+    for row in timed:
+        rates = [float(x) for x in row.strip("|").split("|")[1:]]
+        assert len(rates) == 3 and min(rates) > 0, row
