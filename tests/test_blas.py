@@ -322,3 +322,20 @@ def test_make_blas_marks_the_loaded_library_chosen_and_times_every_good_one(caps
     for row in timed:
         rates = [float(x) for x in row.strip("|").split("|")[1:]]
         assert len(rates) == 3 and min(rates) > 0, row
+
+
+@linux_only
+def test_without_gxx_the_run_says_mlx_compiles_nothing_and_records_it(monkeypatch, capsys, tmp_path):
+    from voicetune.environment import versions
+
+    recorded = versions()["mlx_cpu_compiler"]
+    assert recorded.startswith("g++ ") if shutil.which("g++") else recorded == "none (uncompiled)"
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no compiler on it
+    monkeypatch.setattr(blas, "matmul_gflops", lambda: 300.0)
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the check concerns MLX's CPU backend")
+    blas.check(verbose=False)
+    assert "no g++ on PATH: MLX runs its compiled CPU functions uncompiled" in capsys.readouterr().err
+    assert versions()["mlx_cpu_compiler"] == "none (uncompiled)"

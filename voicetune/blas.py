@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,8 +57,9 @@ CORE_NEEDS = {
     "ZEN": {"avx2", "fma"},
     "HASWELL": {"avx2", "fma"},
     "SANDYBRIDGE": {"avx"},
-    "NEOVERSEV1": {"sve"},
-    "NEOVERSEV2": {"sve2"},
+    "NEOVERSEN2": {"sve", "sve2", "bf16"},  # cmeel-openblas's aarch64 build
+    "NEOVERSEV1": {"sve", "bf16"},
+    "NEOVERSEV2": {"sve", "sve2", "bf16"},
     "ARMV8SVE": {"sve"},
     "A64FX": {"sve"},
 }
@@ -434,6 +436,19 @@ def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler MLX's CPU ``mx.compile`` runs (``g++``, as ``g++ 12.2.0``), or None:
+    without it MLX silently runs compiled functions uncompiled (kernels it already built and
+    cached under ``$TMPDIR/mlx`` still load)."""
+    if not sys.platform.startswith("linux") or shutil.which("g++") is None:
+        return None
+    try:
+        out = subprocess.run(["g++", "-dumpfullversion"], capture_output=True, text=True, timeout=10)
+        return f"g++ {out.stdout.strip()}" if out.returncode == 0 else "g++ (version unknown)"
+    except (OSError, subprocess.TimeoutExpired):
+        return "g++ (version unknown)"
+
+
 def _thread_cap_note() -> str | None:
     v = chosen.verdict if chosen and chosen.verdict else None
     if v and v.threads and v.threads < blas_threads():
@@ -455,6 +470,10 @@ def check(verbose: bool = True) -> float | None:
               file=sys.stderr, flush=True)
     if note := _thread_cap_note():
         print(note, file=sys.stderr, flush=True)
+    if sys.platform.startswith("linux") and shutil.which("g++") is None:
+        print("note: no g++ on PATH: MLX runs its compiled CPU functions uncompiled (the fast "
+              "path's kernels, the training step), which is slower; apt-get install g++",
+              file=sys.stderr, flush=True)
     rate = matmul_gflops()
     if rate < SLOW_GFLOPS and loaded:
         print(f"warning: MLX float32 matmul measured {rate:.1f} GFLOP/s although OpenBLAS is "

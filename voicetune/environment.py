@@ -8,6 +8,7 @@ versions of requirements.lock.
 from __future__ import annotations
 
 import platform
+import sys
 from importlib import metadata
 
 from . import blas
@@ -22,7 +23,8 @@ def versions(packages=PACKAGES) -> dict[str, object]:
     """``{"python": "3.11.7", "platform": "Linux-x86_64", "mlx": "0.32.4", ...}``;
     a package that is not installed is recorded as ``"not installed"``. Then the BLAS that
     MLX's CPU matmuls ran on (library and version, the core its kernels were chosen for, its
-    threads): a different one may move the last digits of every float."""
+    threads): a different one may move the last digits of every float; and the compiler MLX's
+    CPU ``mx.compile`` uses (none: compiled functions run uncompiled, slower)."""
     found = {"python": platform.python_version(),
              "platform": f"{platform.system()}-{platform.machine()}"}
     for name in packages:
@@ -30,4 +32,6 @@ def versions(packages=PACKAGES) -> dict[str, object]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
+    if sys.platform.startswith("linux"):  # MLX's CPU backend; Metal compiles its own kernels
+        found["mlx_cpu_compiler"] = blas.cpu_compiler() or "none (uncompiled)"
     return found | blas.describe()
