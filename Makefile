@@ -40,8 +40,8 @@ recipe: setup  ## apply recipes/$(R).yaml to params.yaml, e.g. make recipe R=phi
 
 # Which BLAS MLX computes with: every candidate proved in a child process (a crash, a wrong
 # product or a hang rejects it, with the reason), its kernels, threads and GFLOP/s.
-blas: setup  ## which BLAS MLX uses here and why: every candidate's verdict
-	$(BIN)/python -m voicetune.blas_report
+blas: setup  ## which BLAS MLX uses here and why: make blas [ARGS="--measure 5 [--coretype Haswell]"]
+	$(BIN)/python -m voicetune.blas_report $(ARGS)
 
 bench: setup  ## speed: MLX vs PyTorch+PEFT vs the matmul ceiling -> metrics/bench.json
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
