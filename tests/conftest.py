@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import voicetune  # noqa: F401  before any test module imports mlx: it chooses MLX's BLAS
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"  # beside the checkout on dev machines and CI, never on users'
 
