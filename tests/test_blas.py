@@ -7,6 +7,7 @@ returns a wrong product, one that hangs, one that needs a shared library that is
 (libgfortran5's case), a file that is no library, and a path that does not exist. The
 emulated-CPU test runs the real libraries on an x86-64 CPU without AVX-512 (QEMU, Haswell).
 """
+import ctypes
 import json
 import os
 import platform
@@ -188,6 +189,13 @@ def test_verdicts_are_cached_and_redone_when_the_file_the_cpu_the_threads_or_the
     assert again.rejected[0][1].reason == first.rejected[0][1].reason
     assert choose(cpu="cpu B")[0] == ["libsigill.so", good]
     assert choose(threads=3)[0] == ["libsigill.so", good]
+    original = os.environ.get("OPENBLAS_CORETYPE")  # some machines set it (see the env notes)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Zen" if original == "Haswell" else "Haswell")
+    assert choose()[0] == ["libsigill.so", good]  # other kernels from the same file
+    if original is None:
+        monkeypatch.delenv("OPENBLAS_CORETYPE")
+    else:
+        monkeypatch.setenv("OPENBLAS_CORETYPE", original)
     os.utime(standins["sigill"], ns=(1, 1))  # another file at the same path
     assert choose()[0] == ["libsigill.so"]
     monkeypatch.setattr(blas, "PROBE_VERSION", blas.PROBE_VERSION + 1)
@@ -247,9 +255,13 @@ def test_metrics_record_the_blas_without_machine_paths():
     from voicetune.environment import versions
 
     env = versions()
-    assert env["blas"] == blas.describe()["blas"] and env["blas_threads"] == blas.chosen.verdict.threads
-    assert env["blas_core"] == blas.chosen.verdict.core
-    assert "/" not in env["blas"]
+    lib = ctypes.CDLL(blas.loaded)  # the loaded library itself, asked directly
+    for name in ("openblas_get_config", "openblas_get_corename"):
+        getattr(lib, name).restype = ctypes.c_char_p
+    version = lib.openblas_get_config().decode().split()[1]  # "OpenBLAS 0.3.33 DYNAMIC_ARCH ..."
+    assert env["blas"].endswith(f" {version}") and "/" not in env["blas"]
+    assert env["blas_core"] == lib.openblas_get_corename().decode()
+    assert env["blas_threads"] == lib.openblas_get_num_threads()
 
 
 @pytest.mark.slow

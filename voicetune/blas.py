@@ -39,10 +39,11 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .files import write_json_atomic
 
 PROBE_VERSION = 1  # bump when the probe below changes what it proves: every verdict is redone
 PROBE_TIMEOUT_S = 60.0  # a candidate whose probe runs longer is taken as hanging
@@ -251,11 +252,7 @@ def _cached_verdict(entry) -> Verdict | None:
 def _write_cache(path: Path, verdicts: dict) -> None:
     """Atomically, and never fatally: an unwritable cache only means probing again."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".blas-verdicts.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"probe_version": PROBE_VERSION, "verdicts": verdicts}, f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(path, {"probe_version": PROBE_VERSION, "verdicts": verdicts})
     except OSError:
         pass
 
@@ -359,7 +356,7 @@ def choose(found: list[Candidate], *, threads: int | None = None, cpu: str | Non
         verdict = None if every else _cached_verdict(stored.get(key))
         if verdict is None:
             verdict = prober(candidate, probe_threads, flags=cpu_flags(cpu))
-            stored[key] = {**asdict(verdict), "cached": False, "path": candidate.path}
+            stored[key] = {**asdict(verdict), "path": candidate.path}
             changed = True
             if not verdict.ok and report:
                 report(candidate, verdict)

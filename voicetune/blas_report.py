@@ -31,23 +31,13 @@ def table(choice: Choice) -> str:
     return "\n".join(rows)
 
 
-# One library, one fresh process (as MLX will see it): the median rate of each matrix size.
+# One library, one fresh process, loaded before MLX as voicetune would, then timed by the
+# same function as every stage's check (voicetune's own choice switched off in that child).
 _RATE = r"""
-import ctypes, json, sys, time
+import ctypes, json, sys
 ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
-import mlx.core as mx
-mx.set_default_device(mx.cpu)
-rates = {}
-for n in map(int, sys.argv[2:]):
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a @ b)
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        mx.eval(a @ b)
-        times.append(time.perf_counter() - start)
-    rates[n] = 2 * n ** 3 / sorted(times)[3] / 1e9
-print(json.dumps(rates))
+from voicetune.blas import matmul_gflops
+print(json.dumps({n: matmul_gflops(int(n)) for n in sys.argv[2:]}))
 """
 
 
@@ -55,7 +45,8 @@ def measure(paths: list[str], rounds: int, sizes=(256, 1024, 2048),
             coretype: str | None = None) -> dict[str, dict[int, float]]:
     """GFLOP/s of MLX's float32 matmul through each library, the libraries interleaved in
     every round (a noisy machine slows them alike), median over rounds per size."""
-    env = dict(os.environ, **({"OPENBLAS_CORETYPE": coretype} if coretype else {}))
+    env = dict(os.environ, VOICETUNE_NO_OPENBLAS="1",
+               **({"OPENBLAS_CORETYPE": coretype} if coretype else {}))
     seen: dict[str, dict[int, list[float]]] = {p: {n: [] for n in sizes} for p in paths}
     for _ in range(rounds):
         for path in paths:
