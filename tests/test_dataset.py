@@ -7,7 +7,7 @@ import pytest
 from voicetune.dataset import (DataError, check_split_sizes, drop_duplicate_questions,
                                load_exchanges, split)
 
-from .conftest import ROOT, SHARED, qa, write_jsonl
+from .conftest import ROOT, qa, shared_file, write_jsonl
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 
@@ -134,10 +134,8 @@ def test_split_smaller_than_batch_size(tmp_path):
     check_split_sizes(parts, batch_size=3)
 
 
-@pytest.mark.skipif(not (SHARED / "datasets/blog-qa/blog_qa.jsonl").exists(),
-                    reason="needs ../shared (developer machines and CI)")
 def test_seed_blog_dataset_splits_like_the_seed():
-    exchanges = load_exchanges([SHARED / "datasets/blog-qa/blog_qa.jsonl"], forbidden=SPECIALS)
+    exchanges = load_exchanges([shared_file("datasets/blog-qa/blog_qa.jsonl")], forbidden=SPECIALS)
     kept, _, _ = drop_duplicate_questions(exchanges)
     parts = split(kept, seed=42, valid_ratio=0.1, test_ratio=0.1)
     assert {k: len(v) for k, v in parts.items()} == {"train": 1705, "valid": 212, "test": 212}
@@ -318,10 +316,8 @@ def test_default_split_keeps_the_sample_conversations_whole():
     assert split(kept, 42, 0.1, 0.1) == parts  # split()'s own default is the same
 
 
-@pytest.mark.skipif(not (SHARED / "datasets/blog-qa/blog_qa.jsonl").exists(),
-                    reason="needs ../shared (developer machines and CI)")
 def test_default_split_of_the_seed_blog_dataset_is_the_seeds():
-    _, parts = _default_split(SHARED / "datasets/blog-qa/blog_qa.jsonl")
+    _, parts = _default_split(shared_file("datasets/blog-qa/blog_qa.jsonl"))
     assert {k: len(v) for k, v in parts.items()} == {"train": 1705, "valid": 212, "test": 212}
 
 

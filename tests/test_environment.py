@@ -4,13 +4,14 @@ import re
 import tomllib
 
 import pytest
+
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from voicetune.environment import PACKAGES, versions
 
-from .conftest import ROOT
+from .conftest import ROOT, unavailable
 
 
 def locked() -> dict[str, str]:
@@ -59,15 +60,17 @@ def test_every_lock_entry_is_pinned_with_hashes():
 
 
 def test_the_test_environment_is_the_locked_one():
-    """`make test` installs from the lock; a drifted venv would make outputs differ."""
+    """`make test` installs from the lock; a drifted venv would make outputs differ. A venv
+    set up some other way is skipped on a developer's machine, and fails under CI."""
     lock = locked()
     found = versions()
+    unlocked = [name for name in PACKAGES if canonicalize_name(name) not in lock]
+    assert not unlocked, f"recorded with every run but not in requirements.lock: {unlocked}"
     drift = {name: (found[name], lock[canonicalize_name(name)]) for name in PACKAGES
-             if found[name] != lock.get(canonicalize_name(name), found[name])}
+             if found[name] != lock[canonicalize_name(name)]}
     if drift:
-        pytest.skip(f"this venv was not installed from requirements.lock ({drift}); "
-                    "`make setup` does that")
-    assert found["mlx-lm"] == lock["mlx-lm"]
+        unavailable(f"this venv was not installed from requirements.lock (installed, locked: "
+                    f"{drift}); `make setup` does that")
 
 
 def test_versions_names_the_interpreter_and_every_package():
@@ -75,3 +78,17 @@ def test_versions_names_the_interpreter_and_every_package():
     assert re.fullmatch(r"3\.\d+\.\d+", found["python"])
     assert set(PACKAGES) <= set(found)
     assert versions(("surely-not-a-real-package-xyz",))["surely-not-a-real-package-xyz"] == "not installed"
+
+
+@pytest.mark.parametrize("ci,outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_a_drifted_venv_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    drifted = dict(versions(), mlx="0.0.1")
+    monkeypatch.setattr(f"{__name__}.versions", lambda: drifted)
+    monkeypatch.setenv("CI", ci)
+    try:  # skip and fail are BaseExceptions: pytest.raises would let a skip through as a skip
+        test_the_test_environment_is_the_locked_one()
+        outcome_seen = None
+    except BaseException as err:  # noqa: B036
+        outcome_seen = err
+    assert type(outcome_seen) is outcome, outcome_seen
+    assert re.search(r"not installed from requirements.lock.*'mlx': \('0.0.1'", str(outcome_seen))

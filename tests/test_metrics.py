@@ -7,7 +7,7 @@ import pytest
 from voicetune import score as score_cli
 from voicetune.metrics import bootstrap_ci, compare, describe, score, word_overlap
 
-from .conftest import SHARED
+from .conftest import SHARED, shared_file
 
 REFERENCE = SHARED / "reference/blog-eval"
 
@@ -80,8 +80,8 @@ def test_score_counts_answers_that_hit_the_limit():
     assert summary["rouge_l"]["max"] == 1.0 and summary["n"] == 2
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="needs ../shared (developer machines and CI)")
 def test_scorer_reproduces_the_published_reference_figures(capsys):
+    shared_file(str(REFERENCE.relative_to(SHARED)))
     assert score_cli.main([str(REFERENCE / "base_predictions.jsonl"),
                            str(REFERENCE / "lora_predictions.jsonl"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

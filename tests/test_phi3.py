@@ -21,7 +21,7 @@ from voicetune.chat_format import (ChatTemplateError, end_of_turn_token, message
 from voicetune.generation import generate_batched, generate_sequential, prompt_tokens
 from voicetune.lora import LoRAConfigError, apply_lora, parameter_counts
 
-from .conftest import PERSONA, ROOT
+from .conftest import PERSONA, ROOT, shared_file
 from .test_pipeline import dvc, make_tiny_project, set_param
 
 PHI3_TEMPLATE = ROOT / "templates/phi3.jinja"
@@ -84,8 +84,7 @@ def fake_pypi(monkeypatch, vocab_bytes: bytes) -> list[str]:
 
 
 def test_vocab_is_the_shared_copy_when_there_is_one(phi3_vocab):
-    if not vocab.SHARED.is_file():
-        pytest.skip("no ../shared on this machine")
+    shared_file(f"tokenizers/phi-3/{vocab.FILENAME}")
     assert phi3_vocab == vocab.SHARED
 
 
