@@ -21,7 +21,7 @@ import pytest
 
 from voicetune import blas
 
-from .conftest import ROOT
+from .conftest import ROOT, unavailable
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="macOS keeps MLX's own BLAS (Accelerate)")
@@ -61,9 +61,7 @@ CMEEL_LIKE = ['-DCONFIG="OpenBLAS 0.3.31 NO_AFFINITY SKYLAKEX MAX_THREADS=4"', '
 def compiler() -> str:
     found = shutil.which("cc") or shutil.which("gcc")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have a C compiler for the stand-in libraries (.ci/run installs gcc)")
-        pytest.skip("no C compiler for the stand-in libraries")
+        unavailable("no C compiler for the stand-in libraries (.ci/run installs gcc)")
     return found
 
 
@@ -274,9 +272,7 @@ def test_on_an_emulated_cpu_without_avx512_the_one_core_build_is_rejected_and_ml
     OpenBLAS picks a kernel that runs."""
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have qemu-user (.ci/run installs it)")
-        pytest.skip("qemu-x86_64 not installed (apt-get install qemu-user)")
+        unavailable("qemu-x86_64 not installed (apt-get install qemu-user; .ci/run installs it)")
     cmeel = [c.path for c in blas.candidates() if c.name.startswith("cmeel")]
     assert cmeel, "cmeel-openblas is a Linux dependency"
     emulate = [qemu, "-cpu", "Haswell"]
