@@ -21,11 +21,12 @@ from pathlib import Path
 from voicetune.errors import run_stage
 from voicetune import blas  # before mlx: a fast BLAS on Linux
 from voicetune import fastpath
+from voicetune.code_hash import code_fingerprint
 from voicetune.environment import versions
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.fusion import load_float32
 from voicetune.lora import apply_lora, parameter_counts
-from voicetune.params import load_params
+from voicetune.params import early_stopping_problem, load_params
 from voicetune.preference import (PreferenceConfig, PreferenceError, check_counts, read_pairs,
                                   run_fingerprint, tokenize_pairs, train_preference)
 from voicetune.training import Checkpoint
@@ -54,6 +55,9 @@ def main() -> int:
     data = Path(args.data)
     rows = {name: read_pairs(data / f"{name}.jsonl") for name in ("train", "valid")}
     check_counts(rows["train"], rows["valid"])  # before the model is loaded
+    stopping_problem = early_stopping_problem("preference", p)
+    if stopping_problem:
+        print(f"warning: {stopping_problem}", file=sys.stderr)
 
     blas.check()
     fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
@@ -70,8 +74,10 @@ def main() -> int:
           f"in the last {adapter_config['num_layers']} layers of {args.model}: {trainable:,} "
           f"trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 
-    # weights, tokenizer and chat template by content: a resumed run continues the same model
-    checkpoint = Checkpoint(args.checkpoint, run_fingerprint(p, args.model, args.data))
+    # weights, tokenizer and chat template by content, the kernels and this stage's code: a
+    # resumed run continues the same computation
+    checkpoint = Checkpoint(args.checkpoint, run_fingerprint(p, args.model, args.data, fast_cpu=fast_cpu,
+                                                             code=code_fingerprint(__file__)))
     staged_live = checkpoint.folder / "dvclive"  # becomes args.live_dir on success only
     live = None
 

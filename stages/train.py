@@ -22,10 +22,11 @@ from pathlib import Path
 
 from voicetune.errors import run_stage
 from voicetune import blas, estimate, fastpath
+from voicetune.code_hash import code_fingerprint
 from voicetune.environment import versions
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.lora import apply_lora, parameter_counts
-from voicetune.params import load_params
+from voicetune.params import early_stopping_problem, load_params
 from voicetune.training import Checkpoint, TrainConfig, TrainingError, run_fingerprint, train
 
 import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
@@ -55,6 +56,9 @@ def main() -> int:
     group = mx.distributed.init()
     lead = group.rank() == 0  # only rank 0 prints the summary and writes outputs
     blas.check(verbose=lead)
+    stopping_problem = early_stopping_problem("train", train_p)
+    if stopping_problem and lead:
+        print(f"warning: {stopping_problem}", file=sys.stderr)
     fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
     mx.random.seed(cfg.seed)  # LoRA's initial A matrices and dropout draw from this
     model, tokenizer = load(args.model)
@@ -78,8 +82,11 @@ def main() -> int:
         estimate.report_before_training(args.model, lora_p, train_p, trainable, longest,
                                         dtype_bytes=4 if mx.default_device() == mx.cpu else None)
 
-    # weights, tokenizer and chat template by content: a resumed run continues the same model
-    checkpoint = Checkpoint(args.checkpoint, run_fingerprint(lora_p, train_p, args.model, args.data))
+    # weights, tokenizer and chat template by content, the kernels and this stage's code: a
+    # resumed run continues the same computation
+    fingerprint = run_fingerprint(lora_p, train_p, args.model, args.data, fast_cpu=fast_cpu,
+                                  code=code_fingerprint(__file__))
+    checkpoint = Checkpoint(args.checkpoint, fingerprint)
     staged_live = checkpoint.folder / "dvclive"  # becomes args.live_dir on success only
     live = None
 

@@ -5,12 +5,13 @@
   tiny end-to-end run in test_pipeline.py, so the pipeline runs once)."""
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
 import shlex
 from pathlib import Path
+
+from voicetune.code_hash import code_fingerprint, project_imports
 
 from .conftest import ROOT
 
@@ -31,52 +32,6 @@ def script_of(cmd: str, root: Path = ROOT) -> Path:
     scripts = [word for word in shlex.split(cmd) if word.endswith(".py")]
     assert len(scripts) == 1, f"cannot find the one script of {cmd!r}"
     return root / scripts[0]
-
-
-def module_file(name: str, root: Path) -> Path | None:
-    """The project file that defines the dotted module ``name``, if it is a project module."""
-    base = root.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_names(path: Path, root: Path) -> set[str]:
-    """Dotted names of every module ``path`` may import (at top level or inside functions),
-    with ``from package import name`` giving both ``package`` and ``package.name``."""
-    rel = path.relative_to(root).with_suffix("")
-    package = rel.parts[:-1]  # the package of pkg/a.py and of pkg/__init__.py is pkg
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package[: len(package) - (node.level - 1)]
-                base = ".".join([*parts, *([node.module] if node.module else [])])
-            else:
-                base = node.module
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    # a module imports its parent packages' __init__ first
-    return {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
-
-
-def project_imports(script: Path, root: Path = ROOT) -> set[Path]:
-    """The script and every project module it imports, transitively."""
-    seen, todo = set(), [script]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for name in imported_names(path, root):
-            found = module_file(name, root) or (module_file(name, script.parent)
-                                                if "." not in name else None)
-            if found is not None:
-                todo.append(found)
-    return seen
 
 
 def covered(path: Path, paths: list[Path]) -> bool:
@@ -101,6 +56,13 @@ def test_module_graph_follows_every_kind_of_import(tmp_path):
         (tmp_path / name).write_text(text)
     found = {p.relative_to(tmp_path).as_posix() for p in project_imports(tmp_path / "stages/s.py", tmp_path)}
     assert found == set(files) - {"pkg/unused.py"}
+
+    # the checkpoint fingerprint's code hash: every imported module counts, the others don't
+    before = code_fingerprint(tmp_path / "stages/s.py", tmp_path)
+    (tmp_path / "pkg/unused.py").write_text("x = 2\n")
+    assert code_fingerprint(tmp_path / "stages/s.py", tmp_path) == before
+    (tmp_path / "pkg/e.py").write_text("g = 2\n")  # imported inside a function, two hops away
+    assert code_fingerprint(tmp_path / "stages/s.py", tmp_path) != before
 
 
 def test_every_stage_depends_on_the_code_it_imports():

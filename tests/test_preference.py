@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
+from voicetune import fastpath, preference
 from voicetune.fusion import load_float32
 from voicetune.lora import apply_lora
-from voicetune.preference import (PreferenceError, adapters_off, batch_loss, collate_pairs,
-                                  dpo_loss, evaluate_pairs, log1mexp, orpo_loss, pair_batches,
-                                  pair_logps, preference_loss, read_pairs, reward_stats,
-                                  sequence_logps, tokenize_pairs)
+from voicetune.preference import (PreferenceConfig, PreferenceError, adapters_off, batch_loss,
+                                  collate_pairs, dpo_loss, evaluate_pairs, log1mexp, orpo_loss,
+                                  pair_batches, pair_logps, preference_loss, read_pairs,
+                                  reward_stats, sequence_logps, tokenize_pairs, train_preference)
+from voicetune.training import Checkpoint, EarlyStopping
 
 from .conftest import PERSONA, ROOT, write_jsonl
+from .test_train import killing
 
 ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 # an easy preference: whatever the question, this answer over that one
@@ -275,6 +277,8 @@ def recomputed_val_loss(model_dir, adapters, pairs_dir, method="dpo", beta=0.1, 
 def test_dpo_learns_an_easy_preference_and_the_adapters_load(tmp_path, tiny_model_dir, pairs_dir):
     folder, result = run_preference(tmp_path, tiny_model_dir, pairs_dir, stage_params())
     assert result.returncode == 0, result.stderr
+    # 12 iterations, a validation every 3: patience 5 cannot act, and the stage says so
+    assert "warning: preference.early_stopping.patience=5 can never stop a run early" in result.stderr
     summary = json.loads((folder / "preference.json").read_text())
     assert (summary["method"], summary["train_pairs"], summary["valid_pairs"]) == ("dpo", 12, 4)
     # step 0: the policy is the reference
@@ -319,23 +323,73 @@ def test_orpo_runs_without_a_reference(tmp_path, tiny_model_dir, pairs_dir):
         pytest.approx(summary["best_val_loss"], abs=1e-4)
 
 
-def test_early_stop_keeps_the_best_adapter(tmp_path, tiny_model_dir, pairs_dir):
-    # at lr 1e-2 the validation loss falls, then wobbles up: early stopping must fire and the
-    # adapter kept must be the best one, not the last
-    params = stage_params(learning_rate=1e-2, iters=60, steps_per_eval=2,
-                          early_stopping={"patience": 2, "min_delta": 0.0})
-    # a wobble at lr 1e-2 is chaotic: with the x86 fast path's SwiGLU (1e-7 apart per element)
-    # this run found no early stop in 60 iterations; the stopping logic is tested on MLX's kernels
-    params["kernels"] = {"fast_cpu": "off"}
-    folder, result = run_preference(tmp_path, tiny_model_dir, pairs_dir, params)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((folder / "preference.json").read_text())
-    assert summary["stop_reason"] == "early_stop" and summary["stopped_at"] < 60
-    assert summary["stopped_at"] == summary["best_iteration"] + 2 * 2
-    vals = [loss for _, loss in curve(folder, "val_loss")]
-    assert min(vals) == pytest.approx(summary["best_val_loss"]) and vals[-1] > min(vals)
-    assert recomputed_val_loss(tiny_model_dir, folder / "adapters", pairs_dir) == \
-        pytest.approx(summary["best_val_loss"], abs=1e-5)
+def test_early_stop_keeps_the_best_adapter(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
+    # The stopping rule on a given sequence of validation losses, with the default kernels
+    # (kernels.fast_cpu: auto; a real run's wobble depends on float rounding, so it cannot
+    # say when the rule should fire). Patience 2, min_delta 0.01, a validation every 2 steps:
+    # step 6 is the lowest loss but no significant improvement on step 4's 0.50 (the
+    # reference), step 8 is worse: 2 evaluations without one, stop at 8, keep step 6's adapter.
+    losses = iter([LOG2, 0.60, 0.50, 0.495, 0.52, 0.1])  # at steps 0, 2, 4, ...
+    real = preference.evaluate_pairs
+    validated = {}
+
+    def given(*args):
+        return {**real(*args), "loss": next(losses)}
+
+    def log(record):  # after the best adapter is saved: the adapter each validation saw
+        if "val_loss" in record:
+            validated[record["step"]] = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+    monkeypatch.setattr(preference, "evaluate_pairs", given)
+    cfg = PreferenceConfig(method="dpo", beta=0.1, learning_rate=1e-3, iters=40, batch_size=4,
+                           steps_per_eval=2, save_every=100, max_seq_length=512, patience=2, min_delta=0.01)
+    with fastpath.enabled(yaml.safe_load((ROOT / "params.yaml").read_text())["kernels"]["fast_cpu"]):
+        model, tokenizer = adapted(tiny_model_dir)
+        pairs = {name: tokenize_pairs(read_pairs(pairs_dir / f"{name}.jsonl"), tokenizer, 512)
+                 for name in ("train", "valid")}
+        checkpoint = Checkpoint(tmp_path / "checkpoint", "fp")
+        result = train_preference(model, pairs["train"], pairs["valid"], cfg, checkpoint, log=log)
+    assert (result.stop_reason, result.stopped_at, result.best_iteration) == ("early_stop", 8, 6)
+    assert result.best["val_loss"] == 0.495 and sorted(validated) == [0, 2, 4, 6, 8]
+    kept = mx.load(str(checkpoint.best_file))
+    assert kept.keys() == validated[6].keys()
+    assert all(np.array_equal(kept[k], validated[6][k]) for k in kept)
+    assert not all(np.array_equal(kept[k], validated[8][k]) for k in kept)  # not the last
+
+
+def first_stop(section: dict) -> int:
+    """The step at which ``section``'s early stopping stops a run whose validation loss never
+    improves (validations as the loops run them: every steps_per_eval steps and at the end)."""
+    stopping = EarlyStopping(section["early_stopping"]["patience"], section["early_stopping"]["min_delta"])
+    stopping.update(LOG2, 0)
+    for step in range(1, section["iters"] + 1):
+        if step % section["steps_per_eval"] == 0 or step == section["iters"]:
+            stopping.update(LOG2, step)
+            if stopping.should_stop:
+                return step
+    return section["iters"]
+
+
+def test_the_default_early_stopping_can_stop_a_run_early():
+    # a default that cannot act is no default: params.yaml's must be able to stop a run that
+    # does not improve before its last step
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())["preference"]
+    assert first_stop(default) < default["iters"]
+    # and a setting that cannot is flagged (the stages print it as a warning)
+    from voicetune.params import early_stopping_problem
+
+    assert early_stopping_problem("preference", default) is None
+    never = {**default, "iters": 6, "steps_per_eval": 3, "early_stopping": {"patience": 2, "min_delta": 0.001}}
+    assert first_stop(never) == 6
+    assert early_stopping_problem("preference", never) == (
+        "preference.early_stopping.patience=2 can never stop a run early: 1 validation before the "
+        "last step (preference.iters=6, preference.steps_per_eval=3); lower the patience to 1 or "
+        "validate more often")
+    for iters, every, patience in [(6, 2, 2), (7, 3, 2), (6, 3, 1), (6, 6, 1), (40, 20, 5), (2000, 50, 5)]:
+        section = {**default, "iters": iters, "steps_per_eval": every,
+                   "early_stopping": {"patience": patience, "min_delta": 0.0}}
+        assert (early_stopping_problem("preference", section) is None) == (first_stop(section) < iters), \
+            (iters, every, patience)
 
 
 def test_when_nothing_beats_step_0_the_adapters_change_nothing(tmp_path, tiny_model_dir, pairs_dir):
@@ -356,38 +410,45 @@ def test_when_nothing_beats_step_0_the_adapters_change_nothing(tmp_path, tiny_mo
 
 
 # ------------------------------------------------------------------ crash safety
-def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, tiny_model_dir, pairs_dir):
-    params = stage_params(iters=40, steps_per_eval=5, save_every=5, learning_rate=3e-3)
-    reference, result = run_preference(tmp_path, tiny_model_dir, pairs_dir, params, "reference")
-    assert result.returncode == 0, result.stderr
+KILL_PARAMS = dict(iters=40, steps_per_eval=5, save_every=5, learning_rate=3e-3)
 
-    folder, proc = run_preference(tmp_path, tiny_model_dir, pairs_dir, params, "killed", wait=False)
-    progress = folder / "checkpoint/progress.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["progress"]["iteration"] >= 15:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(progress.read_text())["progress"]["iteration"]
-    assert 15 <= killed_at < 40 and not (folder / "adapters").exists()
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, pairs_dir) -> Path:
+    folder, result = run_preference(tmp_path_factory.mktemp("preference"), tiny_model_dir, pairs_dir,
+                                    stage_params(**KILL_PARAMS), "reference")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+# killed as step 17 begins (the checkpoint of step 15 whole), or right after the second
+# checkpoint's tensors are in place (step 10's; a checkpoint written as two files had step
+# 5's progress beside them)
+@pytest.mark.parametrize("kill, resumed_from", [(("iteration", 17), 15), (("state_write", 2), 10)],
+                         ids=["mid-run", "right-after-the-tensors"])
+def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, tiny_model_dir, pairs_dir, uninterrupted,
+                                                   kill, resumed_from):
+    params = stage_params(**KILL_PARAMS)
+    folder, killed = run_preference(tmp_path, tiny_model_dir, pairs_dir, params, "killed",
+                                    script=killing(tmp_path, kill))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (folder / "adapters").exists()
 
     _, resumed = run_preference(tmp_path, tiny_model_dir, pairs_dir, params, "killed")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from the checkpoint at iteration {killed_at}" in resumed.stdout
     summary = json.loads((folder / "preference.json").read_text())
-    expected = json.loads((reference / "preference.json").read_text())
-    assert summary["resumed_from"] == killed_at
+    expected = json.loads((uninterrupted / "preference.json").read_text())
+    # CPU arithmetic is deterministic, the reference is recomputed and the state restored:
+    # every loss and the adapter's bytes are the uninterrupted run's
+    assert curve(folder, "val_loss") == curve(uninterrupted, "val_loss")
+    assert curve(folder, "train_loss") == curve(uninterrupted, "train_loss")
     for key in ("base_val_loss", "best_val_loss", "best_val_reward_accuracy", "best_val_reward_margin",
                 "best_iteration", "stopped_at", "stop_reason"):
         assert summary[key] == expected[key], key
-    # CPU arithmetic is deterministic, the reference is recomputed and the state restored: same bytes
     assert (folder / "adapters/adapters.safetensors").read_bytes() == \
-        (reference / "adapters/adapters.safetensors").read_bytes()
-    assert curve(folder, "val_loss") == curve(reference, "val_loss")
-    assert curve(folder, "train_loss") == curve(reference, "train_loss")
+        (uninterrupted / "adapters/adapters.safetensors").read_bytes()
+    assert f"resuming from the checkpoint at iteration {resumed_from}" in resumed.stdout
+    assert summary["resumed_from"] == resumed_from
 
 
 POISONED_STAGE = """

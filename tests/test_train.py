@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import types
 from dataclasses import asdict
 from pathlib import Path
@@ -49,15 +48,74 @@ def stage_args(folder, model_dir, data_dir) -> list[str]:
             "--live-dir", str(folder / "live"), "--checkpoint", str(folder / "checkpoint")]
 
 
-def run_train(tmp_path, model_dir, data_dir, params, name="run", wait=True):
+def run_train(tmp_path, model_dir, data_dir, params, name="run", wait=True, kill=None, root=ROOT):
+    """Run the train stage (of the project at ``root``); ``kill`` (see ``KILLING``) kills it
+    with SIGKILL at a chosen point of the run."""
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, str(ROOT / "stages/train.py"), *stage_args(folder, model_dir, data_dir)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, *killing(tmp_path, kill), str(root / "stages/train.py"),
+           *stage_args(folder, model_dir, data_dir)]
+    env = dict(os.environ, PYTHONPATH=str(root))
     if not wait:
         return folder, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return folder, subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+# A stage run under ``python killing.py <kind> <n> <stage script> <args>``: kill -9 at a chosen
+# point instead of at a chosen time. ``iteration n``: as step n begins (any checkpoint before
+# it complete). ``state_write n``: right after the n-th rename onto state.safetensors, the
+# moment a checkpoint's tensors are in place.
+KILLING = """
+import os, runpy, signal, sys
+import voicetune  # before mlx: the fast BLAS
+from voicetune import preference, training
+
+kind, n = sys.argv[1], int(sys.argv[2])
+sys.argv = sys.argv[3:]
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+real_step_seed = training.step_seed
+
+
+def step_seed(seed, iteration, rank=0):  # called once as each step begins
+    if kind == "iteration" and iteration == n:
+        die()
+    return real_step_seed(seed, iteration, rank)
+
+
+training.step_seed = preference.step_seed = step_seed
+real_replace, state_writes = os.replace, []
+
+
+def replace(src, dst, *args, **kwargs):  # pathlib's Path.replace calls it too
+    real_replace(src, dst, *args, **kwargs)
+    if os.path.basename(dst) == "state.safetensors":
+        state_writes.append(dst)
+        if kind == "state_write" and len(state_writes) == n:
+            die()
+
+
+os.replace = replace
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def killing(tmp_path, kill: tuple[str, int] | None) -> list[str]:
+    if kill is None:
+        return []
+    script = tmp_path / "killing.py"
+    script.write_text(KILLING)
+    return [str(script), kill[0], str(kill[1])]
+
+
+def curve(folder: Path, name: str) -> list[tuple[int, float]]:
+    lines = (folder / f"live/plots/metrics/{name}.tsv").read_text().splitlines()[1:]
+    return [(int(line.split("\t")[0]), float(line.split("\t")[-1])) for line in lines]
 
 
 def datasets(model_dir, data_dir, mask_prompt=True):
@@ -196,36 +254,97 @@ def test_early_stop_keeps_the_best_adapter(tmp_path, tiny_model_dir, tiny_data_d
 
 
 # ------------------------------------------------------------------ crash safety
-def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, tiny_model_dir, tiny_data_dir):
-    params = train_params(iters=40, save_every=5)
-    reference, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "reference")
-    assert result.returncode == 0, result.stderr
+# a checkpoint every 5 iterations, a report every 4: a checkpoint falls inside report windows
+KILL_PARAMS = dict(iters=40, save_every=5, steps_per_report=4)
 
-    folder, proc = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "killed", wait=False)
-    progress = folder / "checkpoint/progress.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["progress"]["iteration"] >= 15:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(progress.read_text())["progress"]["iteration"]
-    assert 15 <= killed_at < 40 and not (folder / "adapters").exists()
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    """The run that the killed and resumed runs must reproduce exactly."""
+    folder, result = run_train(tmp_path_factory.mktemp("train"), tiny_model_dir, tiny_data_dir,
+                               train_params(**KILL_PARAMS), "reference")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def assert_same_run(folder: Path, reference: Path) -> None:
+    """Everything a resumed run computes equals the uninterrupted run's: summary, adapter
+    bytes (CPU arithmetic is deterministic and the state is restored exactly) and every
+    logged loss, value for value."""
+    summary = json.loads((folder / "train.json").read_text())
+    expected = json.loads((reference / "train.json").read_text())
+    for key in ("best_val_loss", "best_iteration", "base_val_loss", "stopped_at", "stop_reason"):
+        assert summary[key] == expected[key], key
+    assert (folder / "adapters/adapters.safetensors").read_bytes() == \
+        (reference / "adapters/adapters.safetensors").read_bytes()
+    for name in ("val_loss", "train_loss"):
+        assert curve(folder, name) == curve(reference, name), name
+
+
+def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, tiny_model_dir, tiny_data_dir, uninterrupted):
+    params = train_params(**KILL_PARAMS)
+    # killed as step 17 begins: the checkpoint of step 15 is the last, mid report window (13-16)
+    folder, killed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "killed", kill=("iteration", 17))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (folder / "adapters").exists() and not (folder / "train.json").exists()
 
     _, resumed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "killed")
     assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads((folder / "train.json").read_text())
-    expected = json.loads((reference / "train.json").read_text())
-    assert summary["resumed_from"] >= 15
-    for key in ("best_val_loss", "best_iteration", "base_val_loss", "stopped_at", "stop_reason"):
-        assert summary[key] == expected[key], key
-    # CPU arithmetic is deterministic and the state is restored exactly: same bytes
-    assert (folder / "adapters/adapters.safetensors").read_bytes() == \
-        (reference / "adapters/adapters.safetensors").read_bytes()
-    assert (folder / "live/plots/metrics/val_loss.tsv").read_text().count("\n") == \
-        (reference / "live/plots/metrics/val_loss.tsv").read_text().count("\n")
+    assert "resuming from the checkpoint at iteration 15" in resumed.stdout
+    assert json.loads((folder / "train.json").read_text())["resumed_from"] == 15
+    assert_same_run(folder, uninterrupted)
+
+
+def test_a_kill_right_after_the_checkpoint_tensors_are_written(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                               uninterrupted):
+    # the window of a checkpoint written as two files: step 10's tensors in place, step 5's
+    # progress (iteration, early stopping, history) still beside them. One file has no window:
+    # the checkpoint is step 10's, whole.
+    params = train_params(**KILL_PARAMS)
+    folder, killed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "killed", kill=("state_write", 2))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _, resumed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(folder, uninterrupted)
+    assert json.loads((folder / "train.json").read_text())["resumed_from"] == 10
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs (no except or finally cleans up on disk)."""
+
+
+def test_a_checkpoint_is_whole_wherever_its_save_is_killed(tmp_path, monkeypatch):
+    # every filesystem change of a save, in turn, is the last one before the process dies:
+    # what loads afterwards is step 5's checkpoint or step 10's, never a mix of the two
+    real_replace, real_save = os.replace, mx.save_safetensors
+    left = []
+    for kill_at in range(1, 10):
+        folder = tmp_path / str(kill_at)
+        Checkpoint(folder, "fp").save(Progress(iteration=5), {"model.w": mx.array([5])})
+        changes = []
+
+        def counted(real):
+            def change(*args, **kwargs):
+                real(*args, **kwargs)
+                changes.append(args)
+                if len(changes) == kill_at:
+                    raise Killed
+            return change
+
+        monkeypatch.setattr(os, "replace", counted(real_replace))
+        monkeypatch.setattr(mx, "save_safetensors", counted(real_save))
+        try:
+            Checkpoint(folder, "fp").save(Progress(iteration=10), {"model.w": mx.array([10])})
+        except Killed:
+            pass
+        monkeypatch.undo()
+        progress, tensors = Checkpoint(folder, "fp").load()
+        assert tensors["model.w"].item() == progress.iteration, f"killed after change {kill_at}"
+        left += folder.glob("*tmp*")
+        if len(changes) < kill_at:  # the save ran to its end without being killed
+            assert progress.iteration == 10
+            break
+    assert not left, "a killed save's temporary file is left behind"
 
 
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
@@ -301,13 +420,16 @@ def test_checkpoint_of_another_model_or_template_is_not_resumed(tmp_path, tiny_m
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     params = train_params()
-    fp = run_fingerprint(params["lora"], params["train"], model, tiny_data_dir)
+    fp = run_fingerprint(params["lora"], params["train"], model, tiny_data_dir, fast_cpu=True, code="c")
     Checkpoint(tmp_path / "ckpt", fp).save(Progress(iteration=7), {"model.w": mx.array([1, 2])})
-    assert run_fingerprint(params["lora"], params["train"], model, tiny_data_dir) == fp
+    assert run_fingerprint(params["lora"], params["train"], model, tiny_data_dir, fast_cpu=True, code="c") == fp
+    # what computes the step: the kernels, the code
+    assert run_fingerprint(params["lora"], params["train"], model, tiny_data_dir, fast_cpu=False, code="c") != fp
+    assert run_fingerprint(params["lora"], params["train"], model, tiny_data_dir, fast_cpu=True, code="d") != fp
 
     def resumable() -> bool:
         return Checkpoint(tmp_path / "ckpt", run_fingerprint(
-            params["lora"], params["train"], model, tiny_data_dir)).load() is not None
+            params["lora"], params["train"], model, tiny_data_dir, fast_cpu=True, code="c")).load() is not None
 
     weights = model / "model.safetensors"
     original = weights.read_bytes()
@@ -324,6 +446,38 @@ def test_checkpoint_of_another_model_or_template_is_not_resumed(tmp_path, tiny_m
     settings["chat_template"] = settings["chat_template"].replace("<|im_start|>", "<|im_start|> ", 1)
     config.write_text(json.dumps(settings))
     assert not resumable()
+
+
+def project_copy(tmp_path) -> Path:
+    """The project's code (stages/, voicetune/) in a folder of its own, to be edited."""
+    root = tmp_path / "project"
+    for folder in ("stages", "voicetune"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_a_checkpoint_of_other_kernels_or_code_is_not_resumed(tmp_path, tiny_model_dir, tiny_data_dir):
+    # killed at step 8 with a checkpoint at 5; the next run computes its steps otherwise
+    params = train_params(iters=10, save_every=5, steps_per_eval=5)
+    params["kernels"] = {"fast_cpu": "on"}
+    folder, killed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "kernels", kill=("iteration", 8))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    params["kernels"] = {"fast_cpu": "off"}
+    _, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "kernels")
+    assert result.returncode == 0, result.stderr
+    assert "discarding checkpoint" in result.stdout
+    assert json.loads((folder / "train.json").read_text())["resumed_from"] == 0
+
+    root = project_copy(tmp_path)
+    folder, killed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "code", kill=("iteration", 8),
+                               root=root)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with open(root / "voicetune/training.py", "a") as f:  # a module the step's code comes from
+        f.write("\n# another version of the loop\n")
+    _, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "code", root=root)
+    assert result.returncode == 0, result.stderr
+    assert "discarding checkpoint" in result.stdout
+    assert json.loads((folder / "train.json").read_text())["resumed_from"] == 0
 
 
 # ------------------------------------------------------------------ outputs change only on success

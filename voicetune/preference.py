@@ -47,8 +47,9 @@ from .training import (Checkpoint, EarlyStopping, Progress, _restore_state, _sta
                        model_files, step_seed, vocabulary_head)
 
 METHODS = ("dpo", "orpo")
-# Part of every preference checkpoint's fingerprint: bump it when a checkpoint's meaning changes.
-CHECKPOINT_FORMAT = 1
+# Part of every preference checkpoint's fingerprint: bump it when a checkpoint's meaning changes
+# (2: one file, kernels and code; see ``training.Checkpoint``).
+CHECKPOINT_FORMAT = 2
 
 
 class PreferenceError(UserError, RuntimeError):
@@ -338,11 +339,14 @@ RUN_KEYS = ("method", "beta", "learning_rate", "iters", "batch_size", "steps_per
             "save_every", "max_seq_length", "early_stopping", "lora", "seed")
 
 
-def run_fingerprint(preference: dict, model_dir: str | Path, pairs_dir: str | Path) -> str:
+def run_fingerprint(preference: dict, model_dir: str | Path, pairs_dir: str | Path, *,
+                    fast_cpu: bool, code: str) -> str:
     """What a resumable preference run depends on: its params, every file of the model by
-    content, and the pairs."""
+    content, the pairs, and what computes each step (the fast CPU kernels on or off, the
+    code: see ``training.run_fingerprint``)."""
     root, data = Path(model_dir), Path(pairs_dir)
     return fingerprint("preference", CHECKPOINT_FORMAT, {k: preference.get(k) for k in RUN_KEYS},
+                       {"fast_cpu": bool(fast_cpu), "code": code},
                        *[x for p in model_files(root) for x in (p.relative_to(root).as_posix(), p)],
                        data / "train.jsonl", data / "valid.jsonl")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,6 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
 from .errors import UserError
-from .files import write_json_atomic
 
 PAD_MULTIPLE = 32  # as mlx-lm: pad each batch to a multiple of 32 tokens (+1 for the shift)
 
@@ -270,56 +270,75 @@ class Progress:
     stopping: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # logged records, replayed into DVCLive
     train_seconds: float = 0.0
+    # the train loop's report window so far (sums since the last report): a checkpoint
+    # between two reports must not restart the next report's mean
+    window: dict = field(default_factory=dict)
 
 
 class Checkpoint:
     """A folder outside the stage's outputs holding the latest state and the best adapter
-    (and, in the train stage, the DVCLive logs until the run succeeds). Written atomically;
-    tagged with a fingerprint of everything that determines the run (``run_fingerprint``),
-    so a run with other params, data or model never resumes it."""
+    (and, in the train stage, the DVCLive logs until the run succeeds). Tagged with a
+    fingerprint of everything that determines the run (``run_fingerprint``), so a run with
+    other params, data, model, kernels or code never resumes it.
+
+    One file is the checkpoint: ``state.safetensors`` holds the tensors (model, optimizer,
+    and the best adapter so far) with the progress and the fingerprint in its metadata, and
+    is replaced in one ``os.replace``. A kill at any moment leaves the old checkpoint or the
+    new one, never new tensors beside old progress (iteration, early stopping)."""
 
     def __init__(self, folder: str | Path, fingerprint: str):
         self.folder, self.fingerprint = Path(folder), fingerprint
+        self.best: dict[str, mx.array] | None = None  # saved with every checkpoint
 
     @property
     def best_file(self) -> Path:
         return self.folder / "best_adapters.safetensors"
 
+    @property
+    def state_file(self) -> Path:
+        return self.folder / "state.safetensors"
+
     def load(self) -> tuple[Progress, dict] | None:
-        meta = self.folder / "progress.json"
-        if not meta.exists():
+        # a save killed before its rename leaves its temporary file: never a checkpoint
+        for stale in self.folder.glob("*.tmp.safetensors"):
+            stale.unlink(missing_ok=True)
+        if not self.state_file.exists():
             return None
-        data = json.loads(meta.read_text())
-        if data.get("fingerprint") != self.fingerprint:
+        tensors, meta = mx.load(str(self.state_file), return_metadata=True)
+        if meta.get("fingerprint") != self.fingerprint:
             print(f"discarding checkpoint in {self.folder}: it belongs to a run with other "
-                  "params, data or model")
+                  "params, data, model, kernels or code")
             self.remove()
             return None
-        tensors = mx.load(str(self.folder / "state.safetensors"))
-        return Progress(**data["progress"]), tensors
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        if best:  # the best adapter as of this checkpoint, whatever a later, killed run wrote
+            self.save_best(best)
+        return (Progress(**json.loads(meta["progress"])),
+                {k: v for k, v in tensors.items() if not k.startswith("best.")})
 
     def save(self, progress: Progress, tensors: dict[str, mx.array]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {**tensors, **{f"best.{k}": v for k, v in (self.best or {}).items()}}
         tmp = self.folder / "state.tmp.safetensors"
-        mx.save_safetensors(str(tmp), tensors)
-        tmp.replace(self.folder / "state.safetensors")
-        # progress.json last: it is what marks the checkpoint as complete and resumable
-        write_json_atomic(self.folder / "progress.json",
-                          {"fingerprint": self.fingerprint, "progress": asdict(progress)})
+        mx.save_safetensors(str(tmp), tensors, metadata={
+            "fingerprint": self.fingerprint, "progress": json.dumps(asdict(progress))})
+        os.replace(tmp, self.state_file)  # the commit: before it the old checkpoint, after it the new
 
     def save_best(self, adapters: dict[str, mx.array]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.best = dict(adapters)
         tmp = self.folder / "best.tmp.safetensors"
         mx.save_safetensors(str(tmp), adapters)
-        tmp.replace(self.best_file)
+        os.replace(tmp, self.best_file)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # Part of every fingerprint: bump it when the meaning of a checkpoint's contents changes
-# (2: early stopping's ``reference``), so that no run resumes a checkpoint it misreads.
-CHECKPOINT_FORMAT = 2
+# (2: early stopping's ``reference``; 3: one file, the report window, kernels and code), so
+# that no run resumes a checkpoint it misreads.
+CHECKPOINT_FORMAT = 3
 
 
 def fingerprint(*parts) -> str:
@@ -346,11 +365,15 @@ def model_files(model_dir: str | Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def run_fingerprint(lora: dict, train: dict, model_dir: str | Path, data_dir: str | Path) -> str:
+def run_fingerprint(lora: dict, train: dict, model_dir: str | Path, data_dir: str | Path, *,
+                    fast_cpu: bool, code: str) -> str:
     """The fingerprint of a training run: params, every model file's contents (a changed
-    byte of the weights or of the chat template is another run), and the data it reads."""
+    byte of the weights or of the chat template is another run), the data it reads, and what
+    computes each step: whether the fast CPU kernels are on (``fastpath.enable``'s answer,
+    not the setting: ``auto`` means other numbers on other machines) and the code
+    (``code_hash.code_fingerprint`` of the stage script)."""
     root, data = Path(model_dir), Path(data_dir)
-    return fingerprint(CHECKPOINT_FORMAT, lora, train,
+    return fingerprint(CHECKPOINT_FORMAT, lora, train, {"fast_cpu": bool(fast_cpu), "code": code},
                        *[x for p in model_files(root) for x in (p.relative_to(root).as_posix(), p)],
                        data / "train.jsonl", data / "valid.jsonl")
 
@@ -507,7 +530,7 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
 
     batches = train_batches(train_set, cfg.batch_size, cfg.max_seq_length, cfg.seed,
                             start=progress.iteration, rank=rank, size=size)
-    window = {"steps": 0, "loss": 0.0, "tokens": 0, "trained": 0, "seconds": 0.0}
+    window = progress.window or {"steps": 0, "loss": 0.0, "tokens": 0, "trained": 0, "seconds": 0.0}
     stop_reason, iteration = "iters_done", progress.iteration
     if progress_bar is not None:
         progress_bar.update(progress.iteration)
@@ -554,6 +577,7 @@ def train(model, train_set, valid_set, cfg: TrainConfig, checkpoint: Checkpoint,
             stop_reason = "early_stop"
             break
         if iteration % cfg.save_every == 0 and iteration < cfg.iters and rank == 0:
+            progress.window = dict(window)
             checkpoint.save(progress, _state_tensors(model, optimizer))
 
     train_records = [r for r in progress.history if "tokens_per_second" in r]
