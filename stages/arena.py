@@ -4,8 +4,9 @@
 
 The arena page (make arena) appends the votes; this turns them into win rates and
 Bradley–Terry ratings with bootstrap intervals (voicetune/ratings.py, the page's own table).
-By default only the votes for the current adapter count: its identity is the md5 that dvc.lock
-records for the train stage's models/adapters, the same one the page writes into each vote.
+By default only the votes for the current weights count: every weight file behind a vote's two
+models (base, SFT adapters, fused, preference adapters) must be the one dvc.lock records now,
+as the page wrote it into the vote (voicetune.votes.weights_match).
 No votes at all is no error: a fresh clone gets a table of nulls and a "no votes yet" plot.
 """
 import argparse
@@ -16,7 +17,7 @@ from voicetune.errors import run_stage
 from voicetune import ratings
 from voicetune.files import write_bytes_atomic, write_json_atomic
 from voicetune.params import load_params
-from voicetune.votes import VOTES, adapter_identity, read_votes
+from voicetune.votes import VOTES, read_votes, weights_identity, weights_match
 
 METRICS = Path("metrics/arena.json")
 PLOT = Path("metrics/plots/arena.png")
@@ -31,16 +32,18 @@ def main() -> None:
     votes, warnings = read_votes(VOTES)
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
-    adapter = None
+    current, identity = None, None
     if p["adapter"] == "current":
-        # dvc.lock is no dep of this stage: models/adapters is, and the train entry read here
-        # changes exactly when models/adapters does (see NOT_DEPS in tests/test_dvc_graph.py)
-        adapter = adapter_identity(".")
-        if adapter is None and votes:
-            print("WARNING: dvc.lock records no trained models/adapters: counting every vote "
-                  "(run the train stage, or set arena.adapter: all)", file=sys.stderr)
-    result = ratings.compute_ratings(votes, adapter, models=p["models"], rounds=p["rounds"],
-                                     seed=p["seed"], skipped_lines=len(warnings))
+        # dvc.lock is no dep of this stage: the weights are, and their entries read here
+        # change exactly when they do (see NOT_DEPS in tests/test_dvc_graph.py)
+        identity = weights_identity(".")
+        if any(identity.values()):
+            current = (lambda vote: weights_match(vote, identity))
+        elif votes:
+            print("WARNING: dvc.lock records none of the models' weights: counting every vote "
+                  "(run the pipeline, or set arena.adapter: all)", file=sys.stderr)
+    result = ratings.compute_ratings(votes, current, weights=identity, models=p["models"],
+                                     rounds=p["rounds"], seed=p["seed"], skipped_lines=len(warnings))
     png = ratings.plot_png(result)
     # both computed before either is replaced: a failure keeps the last good pair
     write_json_atomic(METRICS, result)

@@ -1,7 +1,8 @@
 """The arena in a real browser: Debian's chromium, driven by Playwright, clicking as a person would.
 
 What this proves, on the REAL server (``python -m voicetune.arena`` in a subprocess, with a
-tiny random model, adapters and their fused copy):
+tiny random model, adapters, their fused copy and preference adapters on it: every model
+battles):
 
 - the battles are blind: before each vote, no response the page got (HTML, script, JSON,
   event stream) and nothing in the arena's part of the page names a model, once the
@@ -11,6 +12,8 @@ tiny random model, adapters and their fused copy):
   question, and the ratings table fills in;
 - a typed question full of HTML is shown as text, never run;
 - the chat tab answers with two models at once, each in its column;
+- no battle's side can be looked up: the chat tab's (greedy) answer to the same question is
+  neither side's, and battles on one question do not repeat each other;
 - 16 battles and 4 chats at once from threads: no error, every vote written once;
 - ``kill -9`` mid-vote leaves votes.jsonl whole: every line parses, every vote the server
   acknowledged is there.
@@ -41,6 +44,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from voicetune.chat_models import NAMES
 from voicetune.votes import CHOICES, read_votes
 
 from .conftest import PERSONA, ROOT
@@ -59,8 +63,9 @@ if _missing:
         pytest.fail(f"{reason}; CI must run it", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
 
-MODEL_IDS = re.compile(r"\b(base|lora|fused)\b", re.I)
-MODELS = ["base", "lora", "fused"]
+# every model the project can run, all of them battling: no name kept by hand here
+MODEL_IDS = re.compile(r"\b(" + "|".join(map(re.escape, NAMES)) + r")\b", re.I)
+MODELS = list(NAMES)
 MAX_TOKENS = 12
 GENERATION_MS = 120_000  # generous: answers on a loaded 2-core machine
 VOTE_BUTTONS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
@@ -278,7 +283,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, tmp_path_factory) -> dict:
-    """A tiny random base model, adapters that change its answers, and their fused model."""
+    """A tiny random base model, adapters that change its answers, their fused model, and
+    preference adapters on that (dpo)."""
     from voicetune.fusion import fuse
 
     from .test_generation_and_fusion import write_adapters
@@ -286,7 +292,9 @@ def tiny(tiny_model_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("arena_models")
     adapters = write_adapters(tiny_model_dir, root / "adapters", scale_b=0.05)
     fuse(tiny_model_dir, adapters, root / "fused")
-    return {"base": tiny_model_dir, "adapters": adapters, "fused": root / "fused"}
+    preference = write_adapters(root / "fused", root / "preference_adapters", scale_b=0.05)
+    return {"base": tiny_model_dir, "adapters": adapters, "fused": root / "fused",
+            "preference_adapters": preference}
 
 
 @dataclass
@@ -304,7 +312,7 @@ class RealServer:
 
 @pytest.fixture(scope="module")
 def real_server(tiny, tiny_data_dir, tmp_path_factory):
-    """``python -m voicetune.arena`` on the tiny models, all three battling, killed at the end."""
+    """``python -m voicetune.arena`` on the tiny models, all four battling, killed at the end."""
     import httpx
 
     scratch = tmp_path_factory.mktemp("arena_real")
@@ -321,7 +329,8 @@ def real_server(tiny, tiny_data_dir, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "voicetune.arena", "--port", str(port), "--params", "params.yaml",
          "--votes", "arena/votes.jsonl", "--test", "test.jsonl", "--base", str(tiny["base"]),
-         "--adapters", str(tiny["adapters"]), "--fused", str(tiny["fused"]), "--system", PERSONA,
+         "--adapters", str(tiny["adapters"]), "--fused", str(tiny["fused"]),
+         "--preference-adapters", str(tiny["preference_adapters"]), "--system", PERSONA,
          "--max-tokens", str(MAX_TOKENS), "--no-check"],
         cwd=scratch, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
@@ -401,8 +410,8 @@ def stand_in_server(tmp_path):
 
     stand_in = StandIn()
     config = ArenaConfig(models=MODELS, chat_models=MODELS, system=PERSONA,
-                         settings=Settings(max_tokens=MAX_TOKENS), votes=tmp_path / "votes.jsonl",
-                         adapter=None, questions=STAND_IN_QUESTIONS)
+                         settings=Settings(max_tokens=MAX_TOKENS), temperature=0.7,
+                         votes=tmp_path / "votes.jsonl", weights=None, questions=STAND_IN_QUESTIONS)
     engine = Engine(stand_in)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=port,
@@ -561,6 +570,48 @@ def test_sixteen_battles_and_four_chats_at_once(real_server):
     check_votes_file(real_server.votes, real_server.acknowledged)
 
 
+def test_no_battle_side_can_be_looked_up_in_the_chat_tab(real_server):
+    """Battles sample (arena.temperature), each with a seed of its own: the chat tab's answer
+    to the battle's question (greedy, eval.*: the evaluate stage's prediction) is neither
+    side's, and battles on one question do not repeat each other. The vote records the
+    battle's seed and temperature."""
+    import httpx
+
+    question = "Which knot would you teach first?"
+    sides, battles = [], []
+    with httpx.Client(base_url=real_server.url, timeout=300) as client:
+        for _ in range(4):
+            battle_id = client.post("/api/battles", json={"question": question}).json()["battle"]
+            with client.stream("GET", f"/api/battles/{battle_id}/stream") as r:
+                events = sse_events(r.read().decode())
+            assert events[-1][0] == "end", events[-1]
+            reveal = client.post(f"/api/battles/{battle_id}/vote", json={"vote": "tie"}).json()["reveal"]
+            real_server.acknowledged[battle_id] = {"vote": "tie", "model_a": reveal["A"],
+                                                   "model_b": reveal["B"]}
+            battles.append(battle_id)
+            sides += [(reveal[side], texts(events, side)) for side in "AB"]
+        greedy = {}
+        for model in sorted({m for m, _ in sides}):
+            with client.stream("POST", "/api/chat", json={
+                    "model": model, "messages": [{"role": "user", "content": question}]}) as r:
+                events = sse_events(r.read().decode())
+            assert events[-1][0] == "end", events[-1]
+            greedy[model] = texts(events)
+    for model, answer in sides:
+        assert answer != greedy[model], f"a battle's {model} answer is the chat tab's: {answer!r}"
+    by_model = {}
+    for model, answer in sides:
+        by_model.setdefault(model, []).append(answer)
+    assert any(len(answers) >= 2 for answers in by_model.values())
+    for model, answers in by_model.items():
+        assert len(set(answers)) == len(answers), f"two battles' {model} answers are the same"
+    votes = {v["battle_id"]: v for v in read_votes(real_server.votes)[0]}
+    settings = [votes[b]["settings"] for b in battles]
+    assert len({s["seed"] for s in settings}) == len(battles)
+    temperature = yaml.safe_load((ROOT / "params.yaml").read_text())["arena"]["temperature"]
+    assert all(s["temperature"] == temperature > 0 for s in settings)
+
+
 def test_kill_9_mid_vote_leaves_the_votes_whole(real_server):
     """Last: it kills the server. Votes sent at once, and the server killed (SIGKILL) as soon as
     the first is acknowledged: every line of votes.jsonl parses, every acknowledged vote (these
@@ -628,7 +679,8 @@ def test_generated_html_is_shown_as_text_in_battles_and_chat(stand_in_server, br
 
     page.get_by_role("button", name="Chat", exact=True).click()
     page.locator('#chat-models input[value="fused"]').check()
-    expect(page.locator(".chat-column")).to_have_count(3)
+    page.locator('#chat-models input[value="dpo"]').check()
+    expect(page.locator(".chat-column")).to_have_count(len(MODELS))
     page.locator("#chat-input").fill(XSS)
     page.get_by_role("button", name="Send", exact=True).click()
     for name in MODELS:

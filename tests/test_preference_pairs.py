@@ -3,11 +3,16 @@ ties and both-bad are left out, and the file is what mlx-lm-lora's DPO loader re
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from voicetune.errors import UserError
 from voicetune.preference_pairs import pairs_from_votes, write_pairs
+
+from .conftest import ROOT
 
 PERSONA = "You are Captain Tilly Brask."
 
@@ -67,3 +72,81 @@ def test_write_pairs_refuses_the_votes_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="is the votes file"):
         write_pairs(votes, [])
     assert votes.read_bytes() == before
+
+
+# ------------------------------------------------------------------ `arena export`, as run
+def export(cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "voicetune.arena", "export", *args], cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=120)
+
+
+def votes_file(path, votes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(v) + "\n" for v in votes))
+    return path.read_bytes()
+
+
+def write_lock(root, adapter: str = "c89e.dir") -> None:
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    outs:\n"
+                                   f"    - path: models/adapters\n      md5: {adapter}\n")
+
+
+@pytest.mark.parametrize("name", ["itself", "hard link", "symlink"])
+@pytest.mark.parametrize("current", ["c89e.dir", "other.dir"])  # votes for it, or none (0 pairs)
+def test_export_never_writes_over_the_votes_it_reads(tmp_path, name, current):
+    votes = tmp_path / "mine/votes.jsonl"  # not the default path
+    before = votes_file(votes, [vote("A"), vote("B"), vote("tie")])
+    write_lock(tmp_path, current)
+    out = {"itself": votes, "hard link": tmp_path / "link.jsonl", "symlink": tmp_path / "sym.jsonl"}[name]
+    if name == "hard link":
+        os.link(votes, out)
+    elif name == "symlink":
+        out.symlink_to(votes)
+    result = export(tmp_path, "--votes", str(votes), "--out", str(out))
+    assert result.returncode == 1 and "is the votes file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert votes.read_bytes() == before and out.read_bytes() == before
+
+
+def test_export_into_a_folder_or_from_a_missing_file_is_an_error_that_writes_nothing(tmp_path):
+    votes = tmp_path / "votes.jsonl"
+    votes_file(votes, [vote("A")])
+    write_lock(tmp_path)
+    (tmp_path / "pairs").mkdir()
+    result = export(tmp_path, "--votes", str(votes), "--out", "pairs")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "pairs is a folder" in result.stderr and list((tmp_path / "pairs").iterdir()) == []
+
+    result = export(tmp_path, "--votes", "nosuch.jsonl", "--out", "out.jsonl")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--votes nosuch.jsonl: no such file" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_export_says_how_many_votes_it_read_and_why_it_left_some_out(tmp_path):
+    votes = tmp_path / "votes.jsonl"
+    votes_file(votes, [vote("A"), vote("tie"), {**vote("B"), "adapter": "old.dir"},
+                       {**vote("A"), "adapter": "old.dir"}])
+    write_lock(tmp_path)
+    result = export(tmp_path, "--votes", str(votes), "--out", "pairs.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert f"4 vote(s) read from {votes}, 2 for the current weights (2 for other weights" in result.stdout
+    assert "1 preference pair(s)" in result.stdout
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == 1
+    write_lock(tmp_path, "new.dir")  # retrained since: nothing is for the current weights
+    result = export(tmp_path, "--votes", str(votes), "--out", "pairs.jsonl")
+    assert "4 vote(s) read from" in result.stdout and "0 for the current weights (4 for other weights" \
+        in result.stdout and "0 preference pair(s)" in result.stdout
+
+
+def test_write_pairs_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("the last good pairs\n")
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(UserError, match="cannot write .*No space left on device; nothing written"):
+        write_pairs(out, pairs_from_votes([vote("A")]))
+    assert out.read_text() == "the last good pairs\n" and sorted(tmp_path.iterdir()) == [out]

@@ -79,10 +79,10 @@ def test_three_models_consistent_odds():
 def test_only_votes_for_the_current_adapter_count_unless_all():
     v = votes(30, "lora", "base", "A") + votes(10, "lora", "base", "B") + votes(9, "base", "lora", "A", "old.dir")
     current = compute_ratings(v, ADAPTER)
-    assert (current["votes"], current["used"], current["other_adapter"]) == (49, 40, 9)
+    assert (current["votes"], current["used"], current["other_weights"]) == (49, 40, 9)
     assert gap(current) == pytest.approx(LOG3, abs=0.01)
     everything = compute_ratings(v, None)  # arena.adapter: all
-    assert (everything["used"], everything["other_adapter"]) == (49, 0)
+    assert (everything["used"], everything["other_weights"]) == (49, 0)
     assert everything["models"]["base"]["wins"] == 19
     assert gap(everything) == pytest.approx(400 * math.log10(30 / 19), abs=0.01)
 
@@ -273,5 +273,73 @@ def test_stage_skips_a_torn_line_with_a_warning(tmp_path):
     assert "votes.jsonl:7: not a whole vote (the last line, cut short)" in result.stderr
     assert "Traceback" not in result.stderr
     metrics = json.loads((tmp_path / "metrics/arena.json").read_text())
-    assert (metrics["votes"], metrics["used"], metrics["other_adapter"], metrics["skipped_lines"]) == (6, 5, 1, 1)
-    assert metrics["adapter"] == ADAPTER and "| lora |" in result.stdout
+    assert (metrics["votes"], metrics["used"], metrics["other_weights"], metrics["skipped_lines"]) == (6, 5, 1, 1)
+    assert metrics["weights"]["adapters"] == ADAPTER and "| lora |" in result.stdout
+
+
+LOCK = {"base_model": ("models/base", "b45e.dir"), "train": ("models/adapters", ADAPTER),
+        "fuse": ("models/fused", "f05e.dir"), "preference": ("models/preference_adapters", "d90a.dir")}
+
+
+def write_lock(root, lock=LOCK) -> None:
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n" + "".join(
+        f"  {stage}:\n    outs:\n    - path: {path}\n      md5: {md5}\n"
+        for stage, (path, md5) in lock.items()))
+
+
+def page_vote(a: str, b: str, choice: str, **changed) -> dict:
+    """A vote as the page writes it, made with the weights of LOCK but ``changed``."""
+    current = {"base": "b45e.dir", "adapters": ADAPTER, "fused": "f05e.dir",
+               "preference_adapters": "d90a.dir", **changed}
+    made_of = {"base": ["base"], "lora": ["base", "adapters"], "fused": ["fused"],
+               "dpo": ["fused", "preference_adapters"]}
+    return {"schema": 2, "model_a": a, "model_b": b, "vote": choice,
+            "weights": {w: current[w] for m in (a, b) for w in made_of[m]},
+            "adapter": current["adapters"],
+            "preference_adapter": current["preference_adapters"] if "dpo" in (a, b) else None}
+
+
+def test_stage_counts_no_dpo_vote_made_with_another_preference_adapter(tmp_path):
+    """The SFT adapter is the same; the DPO round is not: those votes judged another model."""
+    (tmp_path / "data/arena").mkdir(parents=True)
+    v = ([page_vote("dpo", "lora", "A")] * 6 + [page_vote("dpo", "lora", "B")] * 2
+         + [page_vote("dpo", "lora", "B", preference_adapters="old.dir")] * 9
+         + [page_vote("lora", "base", "A", base="oldbase.dir")] * 4  # another base model
+         + [page_vote("fused", "base", "A", fused="oldfused.dir")] * 3)
+    (tmp_path / "data/arena/votes.jsonl").write_text("".join(json.dumps(x) + "\n" for x in v))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    write_lock(tmp_path)
+    result = run_stage("arena.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics/arena.json").read_text())
+    assert (metrics["votes"], metrics["used"], metrics["other_weights"]) == (24, 8, 16)
+    dpo = metrics["models"]["dpo"]
+    assert (dpo["wins"], dpo["losses"]) == (6, 2)
+    assert metrics["models"]["base"]["battles"] == 0 and "fused" not in metrics["models"]
+    assert "16 for other weights" in result.stdout
+
+
+def test_the_page_counts_votes_as_the_stage_does(tmp_path, monkeypatch):
+    from voicetune.arena import ratings_fn
+    from voicetune.votes import weights_identity
+
+    write_lock(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    params = {"arena": {"adapter": "current", "models": ["lora", "dpo"], "rounds": 100, "seed": 0}}
+    v = [page_vote("dpo", "lora", "A"), page_vote("dpo", "lora", "A", preference_adapters="old.dir")]
+    table = ratings_fn(params, weights_identity("."))(v)
+    assert [r["battles"] for r in table["rows"]] == [1, 1]
+    assert "1 for other weights" in table["note"]
+    assert [r["battles"] for r in ratings_fn({**params, "arena": {**params["arena"], "adapter": "all"}},
+                                             weights_identity("."))(v)["rows"]] == [2, 2]
+
+
+def test_the_arena_stage_depends_on_every_weight_file_a_vote_names():
+    import yaml
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["arena"]["deps"]
+    for path in ("models/base", "models/adapters", "models/fused", "models/preference_adapters"):
+        assert path in deps, path  # a retrain (SFT or DPO) must rerun the ratings
+    from voicetune.votes import WEIGHTS
+
+    assert {path for _, path in WEIGHTS.values()} <= set(deps)

@@ -1,12 +1,15 @@
 """data/arena/votes.jsonl: appended whole under a lock, durable, readable after a crash."""
+import fcntl
 import json
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+from voicetune import votes as votes_module
 from voicetune.votes import adapter_identity, append_vote, read_votes
 
 from .conftest import ROOT
@@ -85,3 +88,77 @@ def test_the_adapter_identity_is_dvc_locks_hash_of_the_adapters(tmp_path):
         "schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: metrics/train.json\n      md5: 1\n"
         "    - path: models/adapters\n      hash: md5\n      md5: c89e.dir\n")
     assert adapter_identity(tmp_path) == "c89e.dir"
+
+
+def test_read_votes_waits_for_a_vote_being_written(tmp_path):
+    """A reader takes append_vote's lock: a vote half-way through its write (here held there
+    by the test, as a slow disk or a big vote would) is read whole, never as a torn line."""
+    path = tmp_path / "votes.jsonl"
+    append_vote(path, vote(1))
+    line = (json.dumps(vote(2)) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    got = {}
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what append_vote holds while it writes
+        os.write(fd, line[:100])
+        reader = threading.Thread(target=lambda: got.update(result=read_votes(path)))
+        reader.start()
+        reader.join(3)  # the old reader is done by now, with a torn line; a locked one waits
+        os.write(fd, line[100:])
+    finally:
+        os.close(fd)  # releases the lock
+    reader.join(30)
+    votes, warnings = got["result"]
+    assert warnings == [] and [v["battle_id"] for v in votes] == ["0-1", "0-2"]
+
+
+WEIGHTS = {"base": "b45e.dir", "adapters": "c89e.dir", "fused": "f05e.dir",
+           "preference_adapters": "d90a.dir"}
+
+
+def test_the_weights_identity_is_dvc_locks_hash_of_every_weight_file(tmp_path):
+    from voicetune.votes import weights_identity
+
+    assert weights_identity(tmp_path) == dict.fromkeys(WEIGHTS)
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n"
+        "  base_model:\n    outs:\n    - path: models/base\n      md5: b45e.dir\n"
+        "  train:\n    outs:\n    - path: models/adapters\n      md5: c89e.dir\n"
+        "  fuse:\n    outs:\n    - path: models/fused\n      md5: f05e.dir\n"
+        "  preference:\n    outs:\n    - path: models/preference_adapters\n      md5: d90a.dir\n")
+    assert weights_identity(tmp_path) == WEIGHTS
+    assert adapter_identity(tmp_path) == "c89e.dir"
+
+
+def test_a_vote_counts_only_for_the_weights_that_made_both_its_answers():
+    from voicetune.votes import battle_weights, weights_match
+
+    def judged(a, b, **changed):
+        return {"model_a": a, "model_b": b, "vote": "A",
+                "weights": battle_weights([a, b], {**WEIGHTS, **changed})}
+
+    assert battle_weights(["dpo", "lora"], WEIGHTS) == WEIGHTS  # every file behind the two
+    assert battle_weights(["base", "lora"], WEIGHTS) == {"base": "b45e.dir", "adapters": "c89e.dir"}
+    assert weights_match(judged("dpo", "lora"), WEIGHTS)
+    assert not weights_match(judged("dpo", "lora", preference_adapters="old.dir"), WEIGHTS)  # another DPO round
+    assert not weights_match(judged("lora", "base", base="old.dir"), WEIGHTS)  # another base model
+    assert not weights_match(judged("fused", "base", fused="old.dir"), WEIGHTS)
+    assert weights_match(judged("lora", "base", preference_adapters="old.dir"), WEIGHTS)  # not behind it
+    assert not weights_match(judged("lora", "base"), {**WEIGHTS, "adapters": None})  # unknown now
+    assert not weights_match(judged("lora", "base", adapters=None), WEIGHTS)  # unknown then (--no-check)
+    # schema 1 recorded the adapters only: the SFT adapter, and the preference one for dpo
+    old = {"model_a": "dpo", "model_b": "lora", "vote": "A", "adapter": "c89e.dir",
+           "preference_adapter": "old.dir"}
+    assert not weights_match(old, WEIGHTS)
+    assert weights_match({**old, "preference_adapter": "d90a.dir"}, WEIGHTS)
+    assert weights_match({**old, "model_a": "base", "preference_adapter": None}, WEIGHTS)
+
+
+def test_the_models_weights_are_the_ones_the_chat_loads():
+    from voicetune.chat_models import NAMES, RECIPES, STAGES, ChatModels
+
+    assert set(votes_module.MADE_OF) == set(NAMES)
+    for name, (weights, adapters) in RECIPES.items():
+        assert votes_module.MADE_OF[name] == (weights, *([adapters] if adapters else []))
+    paths = ChatModels(check=False).paths
+    assert votes_module.WEIGHTS == {w: (STAGES[w], paths[w].as_posix()) for w in STAGES}

@@ -1,13 +1,14 @@
 """The blind arena: a local web page to chat with the models and judge them side by side.
 
     python -m voicetune.arena                      # serve http://127.0.0.1:7860 (make arena)
-    python -m voicetune.arena --port 8000 --temperature 0.7
+    python -m voicetune.arena --port 8000 --temperature 1.0
     python -m voicetune.arena export               # votes -> preference pairs (DPO format)
 
 Battles pit two of arena.models (params.yaml) against each other, named only after the vote;
 votes go to data/arena/votes.jsonl, the `arena` stage turns them into ratings
-(`dvc repro arena && dvc metrics show`). The persona is data.system_prompt and decoding
-follows eval.*, as in `make chat`.
+(`dvc repro arena && dvc metrics show`). The persona is data.system_prompt. The chat tab
+decodes as `make chat` does (eval.*); battles sample at arena.temperature (--temperature),
+each with its own random seed, so that no side can be looked up.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from .errors import UserError, run_stage
 from .params import load_params
-from .votes import VOTES, adapter_identity, read_votes
+from .votes import VOTES, read_votes, weights_identity, weights_match
 
 PAIRS = Path("data/arena/pairs.jsonl")
 
@@ -58,15 +59,19 @@ def check_port_free(host: str, port: int) -> None:
                             f"running? Stop it, or choose another port (make arena PORT=...)") from None
 
 
-def ratings_fn(params: dict, adapter: str | None):
-    """votes -> the table the page shows: the arena stage's own computation."""
+def ratings_fn(params: dict, identity: dict | None):
+    """votes -> the table the page shows: the arena stage's own computation (``identity``:
+    the weights' md5s in dvc.lock; None, models given by path: every vote counts)."""
     from .ratings import compute_ratings, table_rows
 
     arena = params["arena"]
+    current = None
+    if arena["adapter"] == "current" and identity and any(identity.values()):
+        current = (lambda vote: weights_match(vote, identity))
 
     def ratings(votes):
-        result = compute_ratings(votes, adapter=adapter if arena["adapter"] == "current" else None,
-                                 models=arena["models"], rounds=arena["rounds"], seed=arena["seed"])
+        result = compute_ratings(votes, current, weights=identity, models=arena["models"],
+                                 rounds=arena["rounds"], seed=arena["seed"])
         return table_rows(result)
     return ratings
 
@@ -80,7 +85,12 @@ def serve(args) -> int:
     from .chat_models import NAMES, ChatModels
 
     params = load_params(args.params)
-    settings = Settings.from_params(params, args.max_tokens, args.temperature)
+    settings = Settings.from_params(params, args.max_tokens)
+    temperature = params["arena"]["temperature"] if args.temperature is None else args.temperature
+    if not temperature > 0:
+        raise UserError(f"--temperature {args.temperature}: battles must sample (a number > 0): "
+                        "a greedy answer is the one the chat tab and data/eval/ show, and a judge "
+                        "could look it up")
     battle_models = params["arena"]["models"]
     # the chat tab offers base and lora (one copy of the weights), and whatever battles
     chat_models = [n for n in NAMES if n in battle_models or n in ("base", "lora")]
@@ -93,14 +103,13 @@ def serve(args) -> int:
                         preference_adapters=args.preference_adapters,
                         fast_cpu=params["kernels"]["fast_cpu"])
     models.prepare(sorted(set(battle_models) | set(chat_models), key=NAMES.index))  # no load mid-battle
-    adapter = adapter_identity(".") if not args.no_check else None
+    # checked fresh above, so dvc.lock's md5s are the weights' loaded; by path: unknown
+    identity = weights_identity(".") if not args.no_check else None
     config = ArenaConfig(models=battle_models, chat_models=chat_models,
                          system=args.system or params["data"]["system_prompt"], settings=settings,
-                         votes=Path(args.votes), adapter=adapter,
+                         temperature=temperature, votes=Path(args.votes), weights=identity,
                          questions=test_questions(Path(args.test)),
-                         ratings=ratings_fn(params, adapter),
-                         preference_adapter=adapter_identity(".", "preference", "models/preference_adapters")
-                         if "dpo" in battle_models and not args.no_check else None)
+                         ratings=ratings_fn(params, identity))
     app = create_app(Engine(mlx_answer_fn(models)), config)
     print(f"arena: http://{args.host}:{args.port}  (votes -> {args.votes}; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -110,15 +119,27 @@ def serve(args) -> int:
 def export(args) -> int:
     from .preference_pairs import pairs_from_votes, write_pairs
 
-    votes, warnings = read_votes(args.votes)
+    votes_path = Path(args.votes)
+    if not votes_path.exists():
+        raise UserError(f"--votes {votes_path}: no such file (the arena page, make arena, writes "
+                        f"the votes to {VOTES}); nothing written")
+    if not votes_path.is_file():
+        raise UserError(f"--votes {votes_path}: not a file; nothing written")
+    votes, warnings = read_votes(votes_path)
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
+    read = f"{len(votes)} vote(s) read from {votes_path}"
     if not args.all_adapters:
-        current = adapter_identity(".")
-        votes = [v for v in votes if v.get("adapter") == current]
+        identity = weights_identity(".")
+        kept = [v for v in votes if weights_match(v, identity)]
+        read += (f", {len(kept)} for the current weights ({len(votes) - len(kept)} for other "
+                 f"weights{'' if any(identity.values()) else ': dvc.lock records none'}; "
+                 "--all-adapters takes them all)")
+        votes = kept
     pairs = pairs_from_votes(votes)
-    write_pairs(args.out, pairs)
-    print(f"{len(pairs)} preference pairs from {len(votes)} votes -> {args.out}")
+    write_pairs(args.out, pairs, votes=votes_path)
+    print(f"{read}; {len(pairs)} preference pair(s) from them (ties, both bad and equal "
+          f"answers give none) -> {args.out}")
     return 0
 
 

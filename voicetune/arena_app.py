@@ -8,14 +8,24 @@ always generated before "B", whatever the models are, so not even the order in w
 answers arrive depends on who is behind them. All text reaches the page as JSON and is put
 into it with ``textContent``: a ``<script>`` in a question or an answer is shown, never run.
 
+Nor can a side be looked up: battles sample (``arena.temperature``), each with a seed of its
+own drawn at random and kept in the server until the vote, so a battle's answer is neither the
+greedy one that the chat tab (eval.*, as ``make chat``) and ``data/eval/`` show, nor what
+another battle on the same question said.
+
 Battles live in memory: a reloaded page picks its battle up again (answers so far, or the
 reveal if it was voted on); a vote is written whole (``votes.append_vote``: locked, fsynced)
 before the page is told, once per battle, however often the button is clicked; a battle the
 server no longer knows (it restarted) is refused rather than guessed.
+
+What one page can make the single generation worker do is bounded: a battle left for a new
+one, or forgotten as the oldest of MAX_BATTLES, has its answers stopped; a question is at most
+MAX_QUESTION_CHARS, a chat's whole history at most MAX_CHAT_CHARS in MAX_CHAT_MESSAGES.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import secrets
@@ -33,11 +43,16 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from .arena_engine import Engine
-from .votes import CHOICES, SCHEMA, append_vote, read_votes
+from .votes import CHOICES, SCHEMA, append_vote, battle_weights, read_votes
 
 PAGE = Path(__file__).with_name("arena_page")
 MAX_QUESTION_CHARS = 2000
-MAX_BATTLES = 1000  # in memory; the oldest are forgotten first
+# a chat's whole history (every turn, each model's own answers included): about 2,000 tokens,
+# so that one long conversation holds the single generation worker no longer than a few
+# questions would
+MAX_CHAT_CHARS = 4 * MAX_QUESTION_CHARS
+MAX_CHAT_MESSAGES = 41  # 20 exchanges and the new question
+MAX_BATTLES = 1000  # in memory; the oldest are forgotten first, their answers stopped
 SIDES = ("A", "B")
 
 
@@ -46,12 +61,12 @@ class ArenaConfig:
     models: list[str]                  # the models that battle (two different ones per battle)
     chat_models: list[str]             # what the chat tab offers
     system: str                        # the persona prompt
-    settings: object                   # chat.Settings: decoding, as the evaluate stage decodes
+    settings: object                   # chat.Settings: the chat tab's decoding (eval.*, make chat)
+    temperature: float                 # battles sample at it (arena.temperature), own seed each
     votes: Path                        # data/arena/votes.jsonl
-    adapter: str | None                # the adapter's identity (md5 in dvc.lock), in every vote
+    weights: dict | None               # votes.weights_identity: each weight file's md5 in dvc.lock
     questions: list[dict]              # test split: {"messages", "question", "reference"}
     ratings: Callable[[list[dict]], dict] | None = None  # votes -> the ratings table
-    preference_adapter: str | None = None  # the dpo model's adapters (md5 in dvc.lock), if it battles
 
 
 @dataclass
@@ -63,6 +78,7 @@ class Battle:
     reference: str | None
     messages: list
     sides: dict                        # {"A": model id, "B": model id}: never sent before the vote
+    settings: object                   # its decoding: sampled, with its own seed (not sent either)
     text: dict = field(default_factory=lambda: {"A": [], "B": []})
     finished: dict = field(default_factory=lambda: {"A": False, "B": False})
     error: str | None = None
@@ -143,7 +159,7 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
 
     async def generate_sides(battle: Battle) -> None:
         for side in SIDES:
-            async for kind, value in engine.answer(battle.sides[side], battle.messages, config.settings):
+            async for kind, value in engine.answer(battle.sides[side], battle.messages, battle.settings):
                 if kind == "queued":
                     battle.status[side] = {"state": "queued", "ahead": value}
                 elif kind == "start":
@@ -170,7 +186,8 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
     async def get_config():
         return {"chat_models": config.chat_models, "system": config.system,
                 "test_questions": len(config.questions), "max_question_chars": MAX_QUESTION_CHARS,
-                "settings": vars(config.settings)}
+                "max_chat_chars": MAX_CHAT_CHARS, "settings": vars(config.settings),
+                "battle_temperature": config.temperature}
 
     @app.post("/api/battles")
     async def new_battle(body: NewBattle):
@@ -188,11 +205,15 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
             messages = [{"role": "system", "content": config.system},
                         {"role": "user", "content": question}]
         first, second = rng.sample(config.models, 2)
+        settings = dataclasses.replace(config.settings, temperature=config.temperature,
+                                       seed=rng.randrange(2 ** 31))
         battle = Battle(secrets.token_urlsafe(12), question, index is not None, index, reference,
-                        messages, {"A": first, "B": second})
+                        messages, {"A": first, "B": second}, settings)
         battles[battle.id] = battle
         while len(battles) > MAX_BATTLES:
-            battles.popitem(last=False)
+            _, forgotten = battles.popitem(last=False)
+            if forgotten.task and not forgotten.done():
+                forgotten.task.cancel()  # nobody can vote on it any more: stop its answers
         battle.task = asyncio.create_task(generate(battle))
         return battle.public()
 
@@ -248,8 +269,12 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
                 "answer_a": battle.answer("A"), "answer_b": battle.answer("B"),
                 "vote": body.vote, "system": battle.messages[0]["content"]
                 if battle.messages and battle.messages[0]["role"] == "system" else config.system,
-                "settings": vars(config.settings), "adapter": config.adapter,
-                "preference_adapter": config.preference_adapter}
+                "settings": vars(battle.settings),
+                "weights": battle_weights(battle.sides.values(), config.weights),
+                # schema 1's fields, for readers that know only them
+                "adapter": (config.weights or {}).get("adapters"),
+                "preference_adapter": (config.weights or {}).get("preference_adapters")
+                if "dpo" in battle.sides.values() else None}
             await asyncio.to_thread(append_vote, config.votes, record)  # durable before we say so
             battle.vote = body.vote
         return {"duplicate": False, **battle.public()}
@@ -271,6 +296,12 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
         if any(t["role"] not in ("user", "assistant") for t in turns):
             raise HTTPException(422, "Messages are user or assistant turns.")
         check_question(turns[-1]["content"])
+        chars = sum(len(t["content"]) for t in turns)
+        if chars > MAX_CHAT_CHARS or len(turns) > MAX_CHAT_MESSAGES:
+            raise HTTPException(413, f"This conversation is {chars:,} characters in {len(turns)} "
+                                     f"messages; the arena answers at most {MAX_CHAT_CHARS:,} "
+                                     f"characters in {MAX_CHAT_MESSAGES} messages. Press Reset "
+                                     "to start a new one.")
         return ChatIn(model=body.model, messages=turns)
 
     @app.post("/api/chat", response_class=EventSourceResponse)

@@ -43,12 +43,21 @@ def pairs_from_votes(votes: list[dict]) -> list[dict]:
     return pairs
 
 
-def write_pairs(path: str | Path, pairs: list[dict]) -> None:
-    """The pairs as JSONL (UTF-8, one pair a line), replacing ``path`` atomically. Refuses to
-    write over the votes file: the votes are the only copy of the person's judgements."""
+def write_pairs(path: str | Path, pairs: list[dict], votes: str | Path = VOTES) -> None:
+    """The pairs as JSONL (UTF-8, one pair a line), replacing ``path`` atomically: on any
+    failure it is left as it was. Refuses to write over the votes file read (``votes``) or the
+    arena's own (VOTES), by any name (a symlink, a hard link): the votes are the only copy of
+    the person's judgements."""
     path = Path(path)
-    if path.resolve() == VOTES.resolve() or (path.exists() and VOTES.exists()
-                                             and path.samefile(VOTES)):
-        raise UserError(f"{path} is the votes file: write the pairs somewhere else "
-                        "(e.g. data/arena/pairs.jsonl)")
-    write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    for kept in {Path(votes), VOTES}:
+        if path.resolve() == kept.resolve() or (path.exists() and kept.exists()
+                                                and path.samefile(kept)):
+            raise UserError(f"{path} is the votes file {kept}: write the pairs somewhere else "
+                            "(e.g. data/arena/pairs.jsonl); nothing written")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: name the file the pairs go to (e.g. "
+                        f"{path / 'train.jsonl'}); nothing written")
+    try:
+        write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}; nothing written") from None

@@ -26,6 +26,7 @@ the report) and the arena page's table, so both show the same numbers.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -157,17 +158,22 @@ def _win_matrices(scores: np.ndarray, first: np.ndarray, second: np.ndarray, k: 
     return np.bincount(flat, weights, minlength=rows * k * k).reshape(rows, k, k)
 
 
-def compute_ratings(votes: list[dict], adapter: str | None = None, *,
+def compute_ratings(votes: list[dict], current: Callable[[dict], bool] | str | None = None, *,
+                    weights: dict | None = None,
                     models: list[str] | tuple[str, ...] | None = None, rounds: int = 1000,
                     seed: int = 0, skipped_lines: int = 0, ridge: float = RIDGE) -> dict:
-    """The ratings table of ``votes``: only the votes whose ``adapter`` is ``adapter`` (None:
-    all votes). ``models``: the models always listed (arena.models), with or without votes;
-    any other model with battles is listed too. A model without decided battles has null
-    ratings. ``skipped_lines``: torn lines of the votes file, reported in the totals."""
-    usable, other_adapter, invalid = [], 0, 0
+    """The ratings table of ``votes``: only the votes ``current(vote)`` says were made with the
+    current weights (``votes.weights_match``; a string: the SFT adapter's md5, the rule of
+    votes of schema 1), or all votes (None). ``weights``: the current weights' identities,
+    recorded in the result. ``models``: the models always listed (arena.models), with or
+    without votes; any other model with battles is listed too. A model without decided battles
+    has null ratings. ``skipped_lines``: torn lines of the votes file, reported in the totals."""
+    if isinstance(current, str):
+        current = (lambda vote, adapter=current: vote.get("adapter") == adapter)
+    usable, other_weights, invalid = [], 0, 0
     for vote in votes:
-        if adapter is not None and vote.get("adapter") != adapter:
-            other_adapter += 1
+        if current is not None and not current(vote):
+            other_weights += 1
             continue
         battle = _battle(vote)
         if battle is None:
@@ -182,9 +188,9 @@ def compute_ratings(votes: list[dict], adapter: str | None = None, *,
     index = {m: i for i, m in enumerate(rated)}
     anchor = ANCHOR if ANCHOR in index else (rated[0] if rated else None)
     result = {
-        "votes": len(votes), "used": len(usable), "other_adapter": other_adapter,
+        "votes": len(votes), "used": len(usable), "other_weights": other_weights,
         "invalid": invalid, "skipped_lines": skipped_lines,
-        "both_bad": len(usable) - len(decided), "adapter": adapter, "anchor": anchor,
+        "both_bad": len(usable) - len(decided), "weights": weights, "anchor": anchor,
         "rounds": rounds, "seed": seed, "separated": False, "models": {}, "pairs": {},
     }
 
@@ -232,8 +238,9 @@ def compute_ratings(votes: list[dict], adapter: str | None = None, *,
 def summary_note(result: dict, unbounded: bool = True) -> str:
     """One line: what was counted and how, for the page and the report."""
     parts = [f"{result['used']} vote(s) counted"]
-    if result["other_adapter"]:
-        parts.append(f"{result['other_adapter']} for other adapters not counted")
+    if result["other_weights"]:
+        parts.append(f"{result['other_weights']} for other weights (adapters, base or fused "
+                     "model) not counted")
     if result["invalid"]:
         parts.append(f"{result['invalid']} naming unknown models not counted")
     if result["both_bad"]:
@@ -307,8 +314,8 @@ def plot_png(result: dict) -> bytes:
     if not rated:
         message = ("no votes yet: run make arena" if not result["votes"] else
                    "no decided votes for these models yet" +
-                   (f"\n({result['other_adapter']} for other adapters)"
-                    if result["other_adapter"] else ""))
+                   (f"\n({result['other_weights']} for other weights)"
+                    if result["other_weights"] else ""))
         ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=13)
         ax.set_axis_off()
     else:

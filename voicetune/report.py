@@ -89,7 +89,7 @@ def arena_section(arena: dict | None) -> list[str]:
         return lines + ["No arena votes yet (`make arena` to judge the models side by side)."]
     if not arena.get("used"):
         return lines + [f"No arena votes for the current adapter yet ({arena['votes']} in "
-                        f"data/arena/votes.jsonl, {arena.get('other_adapter', 0)} for other "
+                        f"data/arena/votes.jsonl, {arena.get('other_weights', 0)} for other "
                         "adapters; `arena.adapter: all` counts them)."]
     return lines + ratings_markdown(arena, plot="plots/arena.png")
 

@@ -6,8 +6,13 @@ flushed and fsynced before the page is told it counts. A server killed mid-write
 half-written last line; ``read_votes`` skips it with a warning and keeps every vote before it,
 and the next ``append_vote`` starts on a fresh line so no later vote is glued to it.
 
-A vote names the adapter it judged (``adapter``: the md5 DVC records for ``models/adapters``
-in dvc.lock), so votes for an older adapter are never mixed silently with the current one's.
+Readers take the same lock (shared): a vote being appended is never read half-written.
+
+A vote names every weight file behind its two answers (``weights``: for each, the md5 dvc.lock
+records for it; ``MADE_OF`` says which files each model runs on), so that votes for other
+weights (a retrained adapter, another DPO round, another base model) are never mixed silently
+with the current ones': ``weights_match`` is the one rule the ratings (the arena stage and the
+page's table) and ``arena export``'s preference pairs count votes by.
 """
 from __future__ import annotations
 
@@ -20,7 +25,15 @@ import yaml
 
 VOTES = Path("data/arena/votes.jsonl")
 CHOICES = ("A", "B", "tie", "both_bad")  # what a person can answer; both_bad counts apart
-SCHEMA = 1
+SCHEMA = 2  # 2: ``weights``, and battles sampled with their own seed (1: ``adapter`` only)
+# the weight files each model answers with: lora is the base weights under the SFT adapters,
+# dpo the fused weights (base and SFT adapters made one) under the preference adapters
+MADE_OF = {"base": ("base",), "lora": ("base", "adapters"), "fused": ("fused",),
+           "dpo": ("fused", "preference_adapters")}
+# each weight file: the stage and output whose md5 in dvc.lock is its identity
+WEIGHTS = {"base": ("base_model", "models/base"), "adapters": ("train", "models/adapters"),
+           "fused": ("fuse", "models/fused"),
+           "preference_adapters": ("preference", "models/preference_adapters")}
 
 
 def append_vote(path: str | Path, record: dict) -> None:
@@ -48,31 +61,62 @@ def read_votes(path: str | Path) -> tuple[list[dict], list[str]]:
         return [], []
     votes, warnings = [], []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                vote = json.loads(raw)
-                if not isinstance(vote, dict) or vote.get("vote") not in CHOICES:
-                    raise ValueError("not a vote")
-            except ValueError:
-                torn = "" if raw.endswith(b"\n") else " (the last line, cut short)"
-                warnings.append(f"{path}:{number}: not a whole vote{torn}, skipped (half-written "
-                                f"when the server was killed?): {raw[:60]!r}")
-                continue
-            votes.append(vote)
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # append_vote's lock: no vote read mid-write
+        lines = f.readlines()
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            vote = json.loads(raw)
+            if not isinstance(vote, dict) or vote.get("vote") not in CHOICES:
+                raise ValueError("not a vote")
+        except ValueError:
+            torn = "" if raw.endswith(b"\n") else " (the last line, cut short)"
+            warnings.append(f"{path}:{number}: not a whole vote{torn}, skipped (half-written "
+                            f"when the server was killed?): {raw[:60]!r}")
+            continue
+        votes.append(vote)
     return votes, warnings
+
+
+def _locked_md5s(root: str | Path) -> dict:
+    """{(stage, output path): md5} of every output dvc.lock records."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.exists():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {(stage, out.get("path")): out.get("md5")
+            for stage, entry in stages.items() for out in entry.get("outs", [])}
 
 
 def adapter_identity(root: str | Path = ".", stage: str = "train",
                      path: str = "models/adapters") -> str | None:
     """The md5 that dvc.lock records for the train stage's ``models/adapters`` (or another
     stage's output): the identity of the adapter being judged. None when dvc.lock has none."""
-    lock = Path(root) / "dvc.lock"
-    if not lock.exists():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    for out in stages.get(stage, {}).get("outs", []):
-        if out.get("path") == path:
-            return out.get("md5")
-    return None
+    return _locked_md5s(root).get((stage, path))
+
+
+def weights_identity(root: str | Path = ".") -> dict[str, str | None]:
+    """The identity of every weight file of ``WEIGHTS``: its md5 in dvc.lock (None: not there)."""
+    md5s = _locked_md5s(root)
+    return {name: md5s.get(output) for name, output in WEIGHTS.items()}
+
+
+def battle_weights(models, identity: dict | None) -> dict[str, str | None]:
+    """What a vote records: the identity of each weight file the ``models`` answered with."""
+    return {w: (identity or {}).get(w) for m in models for w in MADE_OF[m]}
+
+
+def weights_match(vote: dict, identity: dict) -> bool:
+    """Whether ``vote`` judged answers made with the weights ``identity`` names: every weight
+    file behind its two models recorded, and the same. A vote of schema 1 recorded only the
+    adapters: its ``adapter`` (which pins the base it was trained on and the fused model made
+    from both) must match, and for a dpo battle its ``preference_adapter`` too."""
+    models = [m for m in (vote.get("model_a"), vote.get("model_b")) if m in MADE_OF]
+    recorded = vote.get("weights")
+    if isinstance(recorded, dict):
+        needed = {w for m in models for w in MADE_OF[m]}
+    else:
+        recorded = {"adapters": vote.get("adapter"), "preference_adapters": vote.get("preference_adapter")}
+        needed = {"adapters"} | ({"preference_adapters"} if "dpo" in models else set())
+    return all(recorded.get(w) is not None and recorded.get(w) == identity.get(w) for w in needed)
