@@ -48,6 +48,11 @@ def main() -> int:
     if not p["endpoint"]:
         blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
         fastpath.enable(params["kernels"]["fast_cpu"])
+    elif ingest.has_credentials(p["endpoint"]):
+        # written nowhere by this stage; but DVC records the ingest params in dvc.lock
+        print(f"WARNING: ingest.endpoint holds credentials ({ingest.safe_url(p['endpoint'])}): "
+              "params.yaml and dvc.lock, which git tracks, keep them as written; put the key in "
+              "an environment variable and name it in ingest.api_key_env", file=sys.stderr)
     generator = ingest.make_generator(p, args.model)
     # replies: each passage's questions, then an answer per question
     with tqdm(total=len(passages) * (1 + p["questions"]), desc="ingest", unit="reply") as bar:

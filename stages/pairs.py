@@ -5,8 +5,9 @@
 Self-play: each sampled training question's author answer (chosen) against the SFT LoRA's
 (models/base + models/adapters) own greedy answer (rejected), decoded as evaluate@lora decodes;
 plus the decisive arena votes for the current adapter (its md5 in dvc.lock), test and held-out
-questions left out. Writes data/pairs/{train,valid}.jsonl (mlx-lm-lora's DPO format) and
-metrics/pairs.json; greedy, so two runs give the same bytes.
+questions left out, from the votes the pairs_votes stage passes on (data/pairs_votes.json: none
+unless arena is among preference.sources). Writes data/pairs/{train,valid}.jsonl (mlx-lm-lora's
+DPO format) and metrics/pairs.json; greedy, so two runs give the same bytes.
 """
 import argparse
 import sys
@@ -18,7 +19,7 @@ from voicetune import fastpath, pairs
 from voicetune.files import atomic_dir, write_json_atomic
 from voicetune.fusion import load_float32
 from voicetune.params import load_params
-from voicetune.votes import VOTES, adapter_identity, read_votes
+from voicetune.votes import weights_identity
 
 from tqdm import tqdm  # noqa: E402
 
@@ -29,7 +30,7 @@ def main() -> int:
     ap.add_argument("--data", default="data/processed", help="the prepare stage's splits")
     ap.add_argument("--model", default="models/base")
     ap.add_argument("--adapters", default="models/adapters")
-    ap.add_argument("--votes", default=str(VOTES))
+    ap.add_argument("--votes", default="data/pairs_votes.json", help="the pairs_votes stage's output")
     ap.add_argument("--out", default="data/pairs")
     ap.add_argument("--metrics", default="metrics/pairs.json")
     args = ap.parse_args()
@@ -41,14 +42,13 @@ def main() -> int:
     rows = pairs.read_exchanges(data / "train.jsonl")
     heldout = pairs.heldout([data / "valid.jsonl", data / "test.jsonl"])
 
-    votes, adapter = [], None
+    votes, identity = [], {}
     if "arena" in p["sources"]:
-        votes, warnings = read_votes(args.votes)
-        for warning in warnings:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        # dvc.lock is no dep: models/adapters is, and its train entry changes exactly with it
-        adapter = adapter_identity(".")
-        if adapter is None and votes:
+        votes = pairs.read_votes_used(args.votes)
+        # dvc.lock is no dep: models/base and models/adapters are, and their entries change
+        # exactly with them (fused and preference adapters are no deps: never counted here)
+        identity = {w: md5 for w, md5 in weights_identity(".").items() if w in ("base", "adapters")}
+        if identity.get("adapters") is None and votes:
             print("WARNING: dvc.lock records no trained models/adapters: no arena vote can be "
                   "matched to the current adapter, none is used", file=sys.stderr)
 
@@ -62,7 +62,7 @@ def main() -> int:
 
     questions = len(pairs.sample(len(rows), p["pairs"], p["seed"])) if "self" in p["sources"] else 0
     with tqdm(total=questions, desc="generate (rejected)", unit="answer", disable=not questions) as bar:
-        train, valid, metrics = pairs.build(p, eval_p, rows, heldout, votes, adapter, load_model,
+        train, valid, metrics = pairs.build(p, eval_p, rows, heldout, votes, identity, load_model,
                                             progress=bar.update)
     metrics["fast_cpu_kernels"] = fast_cpu
     # both outputs are replaced at the very end: a failure above keeps the last good pair

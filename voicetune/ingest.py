@@ -8,6 +8,8 @@ models do not follow "reply as JSON"; a numbered list of lines ending in "?" the
 The generator is the pipeline's own base model in-process (offline, batched with
 ``generation.generate_batched``) or any OpenAI-compatible chat endpoint (``mlx_lm.server``,
 Ollama, llama.cpp's server, a hosted API whose key is read from the environment, never stored).
+A key written into the URL itself (``user:key@``, ``?api_key=``) is sent, but shown as ``***``
+wherever the URL is written or printed (``safe_url``).
 
 Every pair is validated; a rejected one is counted under its reason (``REASONS``). The raw
 replies are cached per passage under ``cache/ingest/`` (outside DVC's outputs), keyed by a
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .dataset import normalized
 from .errors import UserError
@@ -132,6 +135,48 @@ class InProcess:
         return [Reply(o["prediction"], o["finish_reason"]) for o in out]
 
 
+# a query parameter whose name holds one of these carries a secret: api_key, key, access_token,
+# token, sig, X-Amz-Signature, password, client_secret, auth, session...
+_SECRET_NAME = re.compile(r"key|token|secret|pass|pwd|auth|sig|credential|session", re.IGNORECASE)
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` holds what ``safe_url`` hides."""
+    parts = urlsplit(url)
+    return "@" in parts.netloc or any(_SECRET_NAME.search(item.partition("=")[0])
+                                      for item in parts.query.split("&") if item)
+
+
+def safe_url(url: str) -> str:
+    """``url`` as it may be written or printed: credentials in it (``user:key@``, and the values
+    of query parameters named like a key or a token) replaced by ``***``. The request itself
+    still uses the URL as given; the key belongs in the variable ingest.api_key_env names."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{name}=***" if _SECRET_NAME.search(name) else
+                     (f"{name}={value}" if sep else name)
+                     for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _detail(err) -> str:
+    """The server's own words for an HTTP error, short: an API's JSON error message, else the
+    body's text without markup (a plain web server's error page)."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        text = inner.get("message") or inner.get("detail") if isinstance(inner, dict) else inner
+    else:
+        text = body
+    if not isinstance(text, str) or not text.strip():
+        text = getattr(err.response, "text", "") or ""
+    text = re.sub(r"<head.*?</head>", " ", text, flags=re.DOTALL | re.IGNORECASE)
+    text = " ".join(re.sub(r"<[^>]*>", " ", text).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 class Endpoint:
     """An OpenAI-compatible chat endpoint, one request at a time."""
 
@@ -148,10 +193,16 @@ class Endpoint:
                                   "ingest.api_key_env: null for a local server")
         else:
             key = "none"  # local servers need none; never fall back to OPENAI_API_KEY silently
-        self.url, self.model, self.timeout = url, model, timeout
-        self.client = openai.OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=1)
+        # written and printed: safe_url; the cache key too, so that a new key keeps the cache
+        self.url, self.model, self.timeout = safe_url(url), model, timeout
+        parts = urlsplit(url)  # a query (?api-version=..., ?key=...) goes with every request
+        base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        self.chat_url = safe_url(urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/")
+                                             + "/chat/completions", parts.query, "")))
+        self.client = openai.OpenAI(base_url=base, api_key=key, timeout=timeout, max_retries=1,
+                                    default_query=dict(parse_qsl(parts.query, keep_blank_values=True)) or None)
         self.settings = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        self.name = self.identity = f"endpoint {url} model {model}"
+        self.name = self.identity = f"endpoint {self.url} model {model}"
 
     def complete(self, chats: list[list[dict]], progress: Callable[[int], None] | None = None
                  ) -> list[Reply]:
@@ -167,7 +218,9 @@ class Endpoint:
                                   "(ingest.timeout), tried twice; is the server busy or stuck? A "
                                   "small model on a loaded CPU may need a larger ingest.timeout") from None
             except openai.APIConnectionError as err:
-                raise IngestError(f"ingest.endpoint {self.url}: cannot connect ({err.__cause__ or err}); "
+                base = str(self.client.base_url)
+                cause = str(err.__cause__ or err).replace(base, safe_url(base))
+                raise IngestError(f"ingest.endpoint {self.url}: cannot connect ({cause}); "
                                   "start the server (e.g. `python -m mlx_lm.server --model models/base "
                                   "--port 8080` for http://127.0.0.1:8080/v1) or fix ingest.endpoint; "
                                   "null generates in-process") from None
@@ -175,14 +228,32 @@ class Endpoint:
                 raise IngestError(f"ingest.endpoint {self.url}: the key was refused ({err.status_code}); "
                                   "check the variable that ingest.api_key_env names") from None
             except openai.APIStatusError as err:
-                raise IngestError(f"ingest.endpoint {self.url}: HTTP {err.status_code} for model "
-                                  f"{self.model!r}: {err.message}") from None
-            choice = r.choices[0]
-            replies.append(Reply(choice.message.content or "",
-                                 "length" if choice.finish_reason == "length" else "stop"))
+                detail = _detail(err)
+                if err.status_code in (404, 405, 501):  # no such path or method: not this API here
+                    raise self._not_an_api(f"answered HTTP {err.status_code}"
+                                           + (f" ({detail})" if detail else "")) from None
+                raise IngestError(f"ingest.endpoint: {self.chat_url} answered HTTP {err.status_code} "
+                                  f"for model {self.model!r}: {detail or 'no details'}") from None
+            try:
+                choice = r.choices[0]
+                text, finish = choice.message.content, choice.finish_reason
+            except (AttributeError, IndexError, TypeError, KeyError):
+                raise self._not_an_api("answered, but not with a chat completion "
+                                       f"({' '.join(str(r).split())[:80]!r})") from None
+            replies.append(Reply(text or "", "length" if finish == "length" else "stop"))
             if progress:
                 progress(1)
         return replies
+
+
+    def _not_an_api(self, what: str) -> IngestError:
+        return IngestError(
+            f"ingest.endpoint: {self.chat_url} {what}: expected an OpenAI-compatible chat "
+            "completions API there (llama.cpp's server, Ollama, vLLM, mlx_lm.server, a hosted "
+            "API). Set ingest.endpoint to the API's base URL, the part before /chat/completions, "
+            "usually ending in /v1 (mlx_lm.server: http://127.0.0.1:8080/v1, Ollama: "
+            f"http://127.0.0.1:11434/v1), and ingest.endpoint_model (now {self.model!r}) to a "
+            "model it serves; null generates in-process")
 
 
 def make_generator(p: dict, model_dir: str | Path):

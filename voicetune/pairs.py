@@ -6,12 +6,15 @@ decodes it, so a rejected answer is the model's prediction for that question. On
 split is used: a valid or test question here would be trained on, then scored.
 
 Arena votes add their pairs (``voicetune.preference_pairs.pairs_from_votes``), but only votes
-for the current adapter, never a question drawn from the test split, and never a question that
+for the current base and SFT adapters (``votes.weights_match``: a battle with the fused or dpo
+model is left out, this stage depends on neither), never a question drawn from the test split, and never a question that
 is (``normalized``) a valid- or test-split question. Votes whose two answers are the same text,
 ties and "both bad" give no pair there.
 
 A pair whose two answers are identical or nearly so (difflib ratio >= max_similarity) teaches
-nothing and is dropped; every drop and exclusion is counted. Each pair is one line of
+nothing and is dropped; every drop and exclusion is counted. The validation slice is drawn by
+question: a self-play pair and an arena pair on one question are never split between train and
+valid, where they would flatter the preference stage's early stopping. Each pair is one line of
 mlx-lm-lora's DPO format ``{"prompt", "chosen", "rejected", "system"}`` plus ``source`` and
 ``question_index``, which its loader ignores.
 """
@@ -27,6 +30,7 @@ from .dataset import _seeded_order, normalized
 from .errors import UserError
 from .generation import generate_batched, prompt_tokens
 from .preference_pairs import pairs_from_votes
+from .votes import weights_match
 
 
 class PairsError(UserError, ValueError):
@@ -60,6 +64,27 @@ def read_exchanges(path: str | Path) -> list[dict]:
     return rows
 
 
+def read_votes_used(path: str | Path) -> list[dict]:
+    """The arena votes the pairs_votes stage passed on (``{"votes_file", "votes"}``), for a
+    run with arena among preference.sources."""
+    path = Path(path)
+    try:
+        used = json.loads(path.read_text(encoding="utf-8"))
+        votes, source = used["votes"], used["votes_file"]
+    except FileNotFoundError:
+        raise PairsError(f"{path}: not found; run the pairs_votes stage first "
+                         "(dvc repro pairs_votes)") from None
+    except (ValueError, KeyError, TypeError):
+        votes = source = None
+    if not isinstance(votes, list) or not all(isinstance(v, dict) for v in votes):
+        raise PairsError(f"{path}: not the pairs_votes stage's output ({{\"votes_file\", "
+                         "\"votes\"}); rerun it (dvc repro pairs_votes)")
+    if source is None:
+        raise PairsError(f"{path} was written without arena among preference.sources, so it "
+                         "holds no vote; rerun it (dvc repro pairs_votes)")
+    return votes
+
+
 def sample(n: int, k: int | None, seed: int) -> list[int]:
     """The indices of ``k`` of ``n`` questions (all when ``k`` is None or >= n), in file order.
     The first ``k`` of one seeded order: a larger ``k`` keeps every question a smaller one drew."""
@@ -91,18 +116,20 @@ def pair(prompt: str, chosen: str, rejected: str, system: str | None, source: st
     return {**out, "source": source, "question_index": index}
 
 
-def arena_pairs(votes: list[dict], adapter: str | None, heldout_questions: set[str]
+def arena_pairs(votes: list[dict], identity: dict, heldout_questions: set[str]
                 ) -> tuple[list[dict], dict]:
-    """Pairs from the decisive votes for ``adapter`` whose question may be trained on, and the
-    count of decisive votes left out for each reason (a vote counts under its first reason)."""
-    counts = {"arena_other_adapter": 0, "arena_test_excluded": 0, "arena_heldout_question_excluded": 0}
+    """Pairs from the decisive votes for the weights ``identity`` names (votes.weights_match)
+    whose question may be trained on, and the count of decisive votes left out for each reason
+    (a vote counts under its first reason)."""
+    counts = {"arena_other_weights": 0, "arena_test_excluded": 0,
+              "arena_heldout_question_excluded": 0}
     pairs = []
     for vote in votes:
         found = pairs_from_votes([vote])
         if not found:
             continue  # a tie, both bad, or no usable pair
-        if adapter is None or vote.get("adapter") != adapter:
-            counts["arena_other_adapter"] += 1
+        if not weights_match(vote, identity):
+            counts["arena_other_weights"] += 1
         elif vote.get("from_test") is not False:  # a vote that does not say is not trusted
             counts["arena_test_excluded"] += 1
         elif normalized(found[0]["prompt"]) in heldout_questions:
@@ -133,28 +160,38 @@ def drop_alike(pairs: list[dict], max_similarity: float) -> tuple[list[dict], di
     return kept, counts
 
 
+def prompts(pairs: list[dict]) -> list[str]:
+    """The distinct prompts of ``pairs`` (``normalized``), in order of first appearance."""
+    return list(dict.fromkeys(normalized(p["prompt"]) for p in pairs))
+
+
 def split(pairs: list[dict], valid_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded held-out slice for validation (floor(valid_ratio * n), as prepare sizes its
-    splits), at least one pair on each side; both sides in their original order. Fewer than 2
-    pairs is refused by the caller."""
-    n_valid = min(max(1, math.floor(valid_ratio * len(pairs))), len(pairs) - 1)
-    valid = set(_seeded_order(len(pairs), seed)[:n_valid])
-    return ([p for i, p in enumerate(pairs) if i not in valid],
-            [p for i, p in enumerate(pairs) if i in valid])
+    """A seeded held-out slice for validation, by prompt: every pair of one question (a
+    self-play pair and arena votes on it) lies on one side, or validation would score answers
+    to a question trained on. floor(valid_ratio * prompts) prompts, as prepare sizes its
+    splits, at least one on each side; both sides in their original order. Fewer than 2
+    prompts is refused by the caller."""
+    keys = prompts(pairs)
+    n_valid = min(max(1, math.floor(valid_ratio * len(keys))), len(keys) - 1)
+    valid = {keys[i] for i in _seeded_order(len(keys), seed)[:n_valid]}
+    return ([p for p in pairs if normalized(p["prompt"]) not in valid],
+            [p for p in pairs if normalized(p["prompt"]) in valid])
 
 
 def mean_chars(texts: list[str]) -> float | None:
     return round(sum(map(len, texts)) / len(texts), 1) if texts else None
 
 
-def too_few(n: int, metrics: dict) -> PairsError:
+def too_few(n: int, metrics: dict, n_prompts: int | None = None) -> PairsError:
     dropped = metrics["dropped_identical"] + metrics["dropped_similar"]
+    # the split is by question: two pairs on one question cannot be both trained and validated on
+    one_question = ", all on one question" if n >= 2 and n_prompts == 1 else ""
     return PairsError(
-        f"{n} preference pair{'s' * (n != 1)} after dropping {metrics['dropped_cut']} cut at "
+        f"{n} preference pair{'s' * (n != 1)}{one_question} after dropping {metrics['dropped_cut']} cut at "
         f"preference.max_tokens and {dropped} whose answers are alike "
         f"(from {metrics['candidates']} candidates; {metrics['generated']} self-play answers, "
-        f"{metrics['arena_candidates']} arena votes); at least 2 are needed, one to train on and "
-        "one to validate. Raise preference.pairs (null: every training question), "
+        f"{metrics['arena_candidates']} arena votes); at least 2 questions are needed, one to "
+        "train on and one to validate. Raise preference.pairs (null: every training question), "
         "preference.max_tokens or preference.max_similarity, add arena votes (make arena), or "
         "list both sources in preference.sources")
 
@@ -165,12 +202,12 @@ def summary(metrics: dict) -> str:
             f"{metrics['dropped_cut']} rejected answers cut at {metrics['max_tokens']} tokens, "
             f"{metrics['dropped_identical']} identical, {metrics['dropped_similar']} similar; "
             f"arena votes left out: "
-            f"{metrics['arena_other_adapter']} other adapter, {metrics['arena_test_excluded']} "
+            f"{metrics['arena_other_weights']} other weights, {metrics['arena_test_excluded']} "
             f"test questions, {metrics['arena_heldout_question_excluded']} held-out questions")
 
 
 def build(p: dict, eval_p: dict, rows: list[dict], heldout_questions: set[str],
-          votes: list[dict], adapter: str | None, load_model: Callable[[], tuple],
+          votes: list[dict], identity: dict, load_model: Callable[[], tuple],
           progress: Callable[[int], None] | None = None) -> tuple[list[dict], list[dict], dict]:
     """(train pairs, valid pairs, metrics) from the training rows and the votes, for the
     ``preference`` params ``p`` and ``eval`` params ``eval_p``. The model is loaded (by
@@ -187,7 +224,7 @@ def build(p: dict, eval_p: dict, rows: list[dict], heldout_questions: set[str],
     cut = sum(a["finish_reason"] == "length" for a in answers) if p["drop_cut_answers"] else 0
     if p["drop_cut_answers"]:
         self_candidates = [q for q, a in zip(self_candidates, answers) if a["finish_reason"] != "length"]
-    arena_candidates, arena_counts = arena_pairs(votes if "arena" in p["sources"] else [], adapter,
+    arena_candidates, arena_counts = arena_pairs(votes if "arena" in p["sources"] else [], identity,
                                                  heldout_questions)
     kept, dropped = drop_alike(self_candidates + arena_candidates, p["max_similarity"])
     metrics = {
@@ -198,8 +235,8 @@ def build(p: dict, eval_p: dict, rows: list[dict], heldout_questions: set[str],
         "self_pairs": sum(q["source"] == "self" for q in kept),
         "arena_pairs": sum(q["source"] == "arena" for q in kept), **arena_counts,
     }
-    if len(kept) < 2:
-        raise too_few(len(kept), metrics)
+    if len(prompts(kept)) < 2:
+        raise too_few(len(kept), metrics, len(prompts(kept)))
     train, valid = split(kept, p["valid_ratio"], p["seed"])
     metrics.update({
         "train_pairs": len(train), "valid_pairs": len(valid), "max_tokens": p["max_tokens"],

@@ -39,6 +39,19 @@ HTML = (".html", ".htm")
 FEEDS = (".xml", ".rss", ".atom")
 SUPPORTED = MARKDOWN + HTML + FEEDS
 BOM = b"\xef\xbb\xbf"
+SAMPLE = "data/sample/posts"  # the sample posts, in the repository: one of each kind read here
+
+
+def to_create(source: str) -> str:
+    """What to make of a posts source that does not exist yet, with the sample as the example."""
+    if Path(source).suffix.lower() in SUPPORTED:
+        what = f"{source} does not exist yet: put your blog's feed export or post there"
+    else:
+        what = (f"{source}/ does not exist yet: create it and put your posts in it (Markdown "
+                "with front matter, saved HTML pages, RSS/Atom feed exports; subfolders are read too)")
+    return (f"{what}. {SAMPLE}/ holds an example of each kind; `cp -r {SAMPLE} {source}` tries the "
+            f"pipeline on them. Until it exists, `dvc repro` stops: {source} is a dependency of "
+            "the ingest stage")
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,16 @@
 A recipe uses params.yaml's own section/key names and sets only what it changes. Every key
 must already exist in params.yaml (a misspelt one is refused with the closest valid name),
 and the merged result must pass the same schema as every stage's params (voicetune.params);
-on any error nothing is written. Afterwards `dvc params diff` shows the change and
-`dvc repro` reruns what depends on it.
+on any error nothing is written, and a value the recipe sets is reported at its own line
+(``recipes/x.yaml:12: train.batch_size: got 0; ...``). Afterwards `dvc params diff` shows the
+change and `dvc repro` reruns what depends on it; if ingest.source does not exist yet (the
+my-blog recipe's posts/), it says what to create first.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -62,7 +65,7 @@ def merge(params: CommentedMap, recipe: dict) -> list[tuple[str, object, object]
     """
     errors = _check(params, recipe, "")
     if errors:
-        raise RecipeError("\n".join(errors))
+        raise RecipeError("\n".join(f"{key}{text}" for key, text in errors))
     return _merge(params, recipe, "")
 
 
@@ -82,20 +85,57 @@ def _merge(params: CommentedMap, recipe: dict, path: str) -> list[tuple[str, obj
     return changes
 
 
-def _check(params: dict, recipe, path: str) -> list[str]:
+def _check(params: dict, recipe, path: str) -> list[tuple[str, str]]:
+    """(key path, the rest of the message) per key of ``recipe`` that does not fit ``params``."""
     where = path.rstrip(".") or "params.yaml"
     if not isinstance(recipe, dict):
-        return [f"{where} is a section: set its keys ({', '.join(params)}), not a value"]
+        return [(where, f" is a section: set its keys ({', '.join(params)}), not a value")]
     errors = []
     for key, new in recipe.items():
         name = f"{path}{key}"
         if key not in params:
-            errors.append(f"{name}: unknown key; {suggest(name, list(params))}")
+            errors.append((name, f": unknown key; {suggest(name, list(params))}"))
         elif isinstance(params[key], dict):
             errors += _check(params[key], new, f"{name}.")
         elif isinstance(new, dict):
-            errors.append(f"{name} is a value in params.yaml, not a section")
+            errors.append((name, " is a value in params.yaml, not a section"))
     return errors
+
+
+def _line(recipe, key_path: str) -> int | None:
+    """The line (from 1) of the recipe file where the dotted ``key_path`` (``lora.keys[1]``) is
+    set, or None if the recipe does not set it (a value params.yaml already had)."""
+    node, line = recipe, None
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key_path):
+        if isinstance(node, CommentedMap) and part in node:
+            line, node = node.lc.key(part)[0], node[part]
+        elif isinstance(node, CommentedSeq) and part.startswith("[") and int(part[1:-1]) < len(node):
+            line, node = node.lc.item(int(part[1:-1]))[0], node[int(part[1:-1])]
+        elif isinstance(node, CommentedMap) or line is None:
+            return None  # a key the recipe does not set
+        else:
+            break  # inside a value the recipe sets whole: its line
+    return line + 1
+
+
+def _where(recipe_path: Path, recipe, key_paths: list[str]) -> str | None:
+    """``<recipe>:<line>`` of the earliest line setting one of ``key_paths``; None if the recipe
+    sets none of them."""
+    lines = [n for n in (_line(recipe, k) for k in key_paths) if n is not None]
+    return f"{recipe_path}:{min(lines)}" if lines else None
+
+
+def _located(problem: str, params_path: Path, recipe_path: Path, recipe) -> str:
+    """A schema problem ``<params.yaml>: <key path>: ...`` about a value the recipe sets, as
+    ``<recipe>:<line>: <key path>: ...``: the recipe's own mistake, where to fix it. Problems
+    of params.yaml's own values keep its name."""
+    prefix = f"{params_path}: "
+    if not problem.startswith(prefix):
+        return problem
+    rest = problem[len(prefix):]
+    keys = rest.split(": ", 1)[0].split(" + ")  # a rule across keys names both: a + b
+    where = _where(recipe_path, recipe, keys)
+    return f"{where}: {rest}" if where else problem
 
 
 def _mismatch(read, meant, path=""):
@@ -135,7 +175,8 @@ def apply(recipe_path: str | Path, params_path: str | Path = "params.yaml"):
         raise RecipeError(f"{params_path}: expected a mapping of sections (model, data, ...)")
     # every problem at once: keys that don't fit params.yaml, then the schema's verdict on
     # the rest merged (which the stages would give, on exactly the text to be written)
-    problems = [f"{recipe_path}: {e}" for e in _check(params, recipe, "")]
+    problems = [f"{_where(recipe_path, recipe, [key]) or recipe_path}: {key}{text}"
+                for key, text in _check(params, recipe, "")]
     changes = _merge(params, recipe, "")
     out = io.StringIO()
     rt.dump(params, out)
@@ -143,12 +184,13 @@ def apply(recipe_path: str | Path, params_path: str | Path = "params.yaml"):
     # refuse values the two read differently (1e-5 is a string in YAML 1.1, 1.0e-5 a float).
     bad = _mismatch(yaml.safe_load(out.getvalue()), params)
     if bad:
-        raise RecipeError(f"{recipe_path}: {bad[0]} = {bad[2]!r} would be read back as "
+        raise RecipeError(f"{_where(recipe_path, recipe, [bad[0]]) or recipe_path}: {bad[0]} = "
+                          f"{bad[2]!r} would be read back as "
                           f"{bad[1]!r} by PyYAML; write it unambiguously (e.g. 1.0e-5, not 1e-5)")
     try:
         validate(yaml.safe_load(out.getvalue()), str(params_path))
     except ParamsError as err:
-        problems += err.problems
+        problems += [_located(p, params_path, recipe_path, recipe) for p in err.problems]
     if problems:
         raise RecipeError(f"{recipe_path} does not fit {params_path} (nothing was written):\n"
                           + "\n".join(f"  {p}" for p in problems))
@@ -166,6 +208,19 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def missing_posts(params_path: str | Path) -> str | None:
+    """What to create when params.yaml's ``ingest.source`` (relative to the project root, the
+    folder of params.yaml) does not exist: a recipe such as my-blog points at the user's posts,
+    which only the user can put there."""
+    params_path = Path(params_path)
+    source = ((yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}).get("ingest") or {}).get("source")
+    if not isinstance(source, str) or (params_path.parent / source).exists():
+        return None
+    from .posts import to_create
+
+    return to_create(source.rstrip("/"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe", help="a recipes/*.yaml file")
@@ -176,13 +231,18 @@ def main(argv=None) -> int:
     except RecipeError as err:
         print(f"recipe: {err}", file=sys.stderr)
         return 1
+    missing = missing_posts(args.params)
     if not changes:
         print(f"{args.params} already matches {args.recipe}: nothing changed")
-        return 0
-    print(f"{args.recipe} -> {args.params}: {len(changes)} change{'s' * (len(changes) > 1)}")
-    for name, old, new in changes:
-        print(f"  {name}: {_show(old)} -> {_show(new)}")
-    print("next: `dvc params diff` to review, `dvc repro` to run")
+    else:
+        print(f"{args.recipe} -> {args.params}: {len(changes)} change{'s' * (len(changes) > 1)}")
+        for name, old, new in changes:
+            print(f"  {name}: {_show(old)} -> {_show(new)}")
+    if missing:
+        print(f"to do: {missing}")
+    if changes:
+        print("next: " + ("add your posts, then " if missing else "") +
+              "`dvc params diff` to review, `dvc repro` to run")
     return 0
 
 

@@ -1,0 +1,45 @@
+"""Stage pairs_votes: the arena votes that the pairs stage reads, and only when it reads them.
+
+    python stages/pairs_votes.py   # reads params.yaml (preference.sources)
+
+DVC has no dependency that holds for some params only; this stage is that condition. With
+arena in preference.sources it copies every vote of data/arena/votes.jsonl into
+data/pairs_votes.json, the pairs stage's dependency; without, it writes no vote and reads
+none. A new vote reruns this stage (a second), and the pairs stage (its self-play generation:
+~30 s here) only when the votes are among its sources.
+"""
+import argparse
+import sys
+
+from voicetune.errors import run_stage
+from voicetune.files import write_json_atomic
+from voicetune.params import load_params
+from voicetune.votes import VOTES, read_votes
+
+OUT = "data/pairs_votes.json"  # voicetune.pairs.read_votes_used reads it
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--votes", default=str(VOTES))
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args()
+    sources = load_params(args.params)["preference"]["sources"]  # validates all of params.yaml
+    if "arena" in sources:
+        votes, warnings = read_votes(args.votes)
+        for warning in warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        used = {"votes_file": args.votes, "votes": votes}
+        print(f"pairs_votes: {len(votes)} vote{'s' * (len(votes) != 1)} of {args.votes} for the "
+              "pairs stage")
+    else:
+        # the same bytes whatever the votes file holds: the pairs stage does not rerun
+        used = {"votes_file": None, "votes": []}
+        print(f"pairs_votes: none; preference.sources is [{', '.join(sources)}], without arena")
+    write_json_atomic(args.out, used)
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage("pairs_votes", main)
