@@ -283,8 +283,9 @@ def test_recipe_producing_an_invalid_value_is_refused_and_params_stays_identical
         apply(recipe, params)
     assert recipe_main([str(recipe), "--params", str(params)]) == 1  # make recipe R=...
     err = capsys.readouterr().err
-    assert f"{params}: lora.rank: got 0; expected an integer >= 1" in err
-    assert f"{params}: data.valid_ratio + data.test_ratio: got 0.9 + 0.1 = 1.0" in err
+    # the recipe's own values, at the recipe's lines
+    assert f"{recipe}:2: lora.rank: got 0; expected an integer >= 1" in err
+    assert f"{recipe}:4: data.valid_ratio + data.test_ratio: got 0.9 + 0.1 = 1.0" in err
     assert params.read_bytes() == original
 
 
@@ -306,6 +307,8 @@ def test_gguf_problems_are_one_line_each(tmp_path, monkeypatch, change, expected
     (_set("arena", "adapter", "old"), ['params.yaml: arena.adapter: got "old"; expected one of current, all']),
     (_set("arena", "rounds", 10), ["params.yaml: arena.rounds: got 10; expected an integer >= 100"]),
     (_set("arena", "seed", -1), ["params.yaml: arena.seed: got -1; expected an integer >= 0"]),
+    (_set("arena", "temperature", 0), ["params.yaml: arena.temperature: got 0; expected a number > 0: "
+                                       "battles sample (0, greedy, would let a judge look an answer up)"]),
     (_set("arena", "models", ["base"]), ['params.yaml: arena.models: got ["base"]; expected a list '
                                          'of at least 2 distinct models among base, lora, fused, dpo']),
     (_set("arena", "models", ["lora", "lora"]), ['params.yaml: arena.models: got ["lora", "lora"]; '
@@ -323,7 +326,7 @@ def test_a_params_file_from_before_the_arena_gets_its_defaults(tmp_path):
     params = copy.deepcopy(COMMITTED)
     del params["arena"]
     assert load_params(write(tmp_path, params))["arena"] == {
-        "adapter": "current", "rounds": 1000, "seed": 0, "models": ["base", "lora"]}
+        "adapter": "current", "rounds": 1000, "seed": 0, "temperature": 0.7, "models": ["base", "lora"]}
 
 
 def test_fast_cpu_on_and_off_read_as_yaml_booleans_are_accepted(tmp_path):

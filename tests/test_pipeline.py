@@ -177,10 +177,10 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
 
 
 def test_a_vote_reruns_only_arena_pairs_and_report(tiny_project):
-    """votes.jsonl is a dep of the arena and pairs stages: a new vote reruns the ratings, the
-    pairs and the report, nothing upstream; votes that add no pair (these do not say they
-    were on a training question) leave data/pairs as it was, so preference tuning does not
-    rerun. With no votes the ratings and the report say so."""
+    """votes.jsonl is a dep of the arena and pairs_votes stages: a new vote reruns the ratings,
+    the pairs (arena is among preference.sources) and the report, nothing upstream; votes that
+    add no pair (these do not say they were on a training question) leave data/pairs as it
+    was, so preference tuning does not rerun. With no votes the ratings and the report say so."""
     from voicetune.votes import adapter_identity, append_vote
 
     dvc(tiny_project, "repro")  # a no-op after test_full_pipeline_on_a_tiny_model
@@ -192,7 +192,7 @@ def test_a_vote_reruns_only_arena_pairs_and_report(tiny_project):
         append_vote(tiny_project / "data/arena/votes.jsonl",
                     {"schema": 1, "question": "Reef early?", "model_a": "lora", "model_b": "base",
                      "answer_a": "Aye.", "answer_b": "No.", "vote": choice, "adapter": adapter})
-    assert ran(dvc(tiny_project, "repro").stdout) == {"arena", "pairs", "report"}
+    assert ran(dvc(tiny_project, "repro").stdout) == {"arena", "pairs_votes", "pairs", "report"}
     assert json.loads((tiny_project / "metrics/pairs.json").read_text())["arena_test_excluded"] == 3
     arena = json.loads((tiny_project / "metrics/arena.json").read_text())
     assert (arena["used"], arena["both_bad"], arena["models"]["lora"]["wins"]) == (5, 1, 2)
@@ -275,8 +275,8 @@ def test_a_killed_training_run_keeps_the_last_good_outputs_then_resumes(tiny_pro
     # prepare reads train.iters too (for its epochs figure): it reruns, and may change
     before = outputs(tiny_project, skip=("prepare",))
     set_param(tiny_project, "train", "iters", 200)  # long enough to be killed mid-run
-    progress = tiny_project / "models/.train-checkpoint/progress.json"
-    progress.unlink(missing_ok=True)
+    checkpoint = tiny_project / "models/.train-checkpoint/state.safetensors"
+    checkpoint.unlink(missing_ok=True)
     run = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=tiny_project,
                            env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -284,7 +284,7 @@ def test_a_killed_training_run_keeps_the_last_good_outputs_then_resumes(tiny_pro
         train = None
         while run.poll() is None and time.monotonic() < deadline:
             train = train or train_process(psutil.Process(run.pid))
-            if train is not None and progress.exists():  # a checkpoint is written: kill -9
+            if train is not None and checkpoint.exists():  # a checkpoint is written: kill -9
                 train.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.02)

@@ -15,8 +15,8 @@ from .conftest import ROOT
 @pytest.fixture
 def project(tmp_path):
     """The repository's tracked files (code, params.yaml, dvc.yaml, sample data), no outputs."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -45,13 +45,13 @@ def test_my_blog_without_posts_names_the_key_and_what_to_put_there(project):
         preflight.check(project)
     assert str(err.value) == (
         "1 problem before `dvc repro` (nothing was run):\n"
-        "  params.yaml: ingest.source: posts does not exist (the ingest stage reads it): put "
-        "your posts there (Markdown with front matter, saved HTML pages, RSS/Atom feed "
-        "exports; subfolders are read too). The sample posts show the format: "
-        "`mkdir -p posts && cp -r data/sample/posts/. posts/` to try it with them")
+        "  params.yaml: ingest.source: posts/ does not exist yet: create it and put your posts "
+        "in it (Markdown with front matter, saved HTML pages, RSS/Atom feed exports; subfolders "
+        "are read too). data/sample/posts/ holds an example of each kind; `cp -r "
+        "data/sample/posts posts` tries the pipeline on them. Until it exists, `dvc repro` "
+        "stops: posts is a dependency of the ingest stage")
     # the fix it gives works
-    subprocess.run("mkdir -p posts && cp -r data/sample/posts/. posts/", shell=True,
-                   cwd=project, check=True)
+    subprocess.run("cp -r data/sample/posts posts", shell=True, cwd=project, check=True)
     preflight.check(project)
 
 
@@ -62,11 +62,11 @@ def test_every_missing_source_at_once(project):
         preflight.check(project)
     lines = str(err.value).splitlines()
     assert lines[0].startswith("3 problems before `dvc repro`")
-    assert lines[1].startswith("  params.yaml: ingest.source: posts does not exist")
+    assert lines[1].startswith("  params.yaml: ingest.source: posts/ does not exist yet")
     assert lines[2].startswith("  params.yaml: data.source: data/mine.jsonl does not exist "
                                "(the prepare stage reads it): it is the Q&A dataset")
     assert lines[3] == ("  dvc.yaml: data/arena/votes.jsonl does not exist and no stage writes it (the "
-                        "pairs and arena stages read it): restore it (`git checkout -- "
+                        "pairs_votes and arena stages read it): restore it (`git checkout -- "
                         "data/arena/votes.jsonl`)")
     assert len(lines) == 4
 

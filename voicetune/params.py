@@ -92,6 +92,23 @@ def ratio_problem(valid_ratio, test_ratio) -> str | None:
     return None
 
 
+def early_stopping_problem(section: str, values: dict) -> str | None:
+    """Early stopping that can never end a run before ``iters``: it stops after ``patience``
+    validations without improvement, and only (iters - 1) // steps_per_eval of them come
+    before the last step. Not refused (a large patience is how one switches it off), but
+    worth a warning: a default that cannot act misleads."""
+    before_last = (values["iters"] - 1) // values["steps_per_eval"]
+    patience = values["early_stopping"]["patience"]
+    if patience <= before_last:
+        return None
+    fix = f"lower the patience to {before_last} or validate more often" if before_last \
+        else "validate more often"
+    return (f"{section}.early_stopping.patience={patience} can never stop a run early: "
+            f"{before_last or 'no'} validation{'s' * (before_last != 1)} before the last step "
+            f"({section}.iters={values['iters']}, {section}.steps_per_eval="
+            f"{values['steps_per_eval']}); {fix}")
+
+
 class LoraParams(_Section):
     rank: int = Field(ge=1)
     scale: float = Field(gt=0, allow_inf_nan=False)
@@ -163,6 +180,10 @@ class ArenaParams(_Section):
     adapter: Literal["current", "all"] = "current"
     rounds: int = Field(1000, ge=100)
     seed: Seed = 0
+    # battles sample, each with its own seed: a greedy battle answer would be the evaluate
+    # stage's prediction, found again by asking the chat tab (or reading data/eval/)
+    temperature: float = Field(0.7, gt=0, allow_inf_nan=False, description=(
+        "a number > 0: battles sample (0, greedy, would let a judge look an answer up)"))
     models: Annotated[list[Literal["base", "lora", "fused", "dpo"]], AfterValidator(_distinct)] = Field(
         default_factory=lambda: ["base", "lora"], min_length=2, description=(
             "a list of at least 2 distinct models among base, lora, fused, dpo"))

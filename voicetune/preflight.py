@@ -19,19 +19,17 @@ import yaml
 
 from .errors import UserError, run_stage
 from .params import load_params
+from .posts import to_create
 
 TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 
-# What belongs at each params key a stage reads as a file, and an example to start from.
+# What belongs at a params key a stage reads as a file, given the missing path.
 WHAT_TO_PUT = {
-    "ingest.source": (
-        "put your posts there (Markdown with front matter, saved HTML pages, RSS/Atom feed "
-        "exports; subfolders are read too). The sample posts show the format: "
-        "`mkdir -p {path} && cp -r data/sample/posts/. {path}/` to try it with them"),
-    "data.source": (
-        "it is the Q&A dataset: a JSONL file of conversations like "
-        "data/sample/tilly_brask.jsonl, or data/ingested/pairs.jsonl (the ingest stage's "
-        "output, when ingest runs)"),
+    "ingest.source": to_create,  # the posts: what `make recipe R=my-blog` says too
+    "data.source": lambda path: (
+        f"{path} does not exist (the prepare stage reads it): it is the Q&A dataset, a JSONL "
+        "file of conversations like data/sample/tilly_brask.jsonl, or data/ingested/pairs.jsonl "
+        "(the ingest stage's output, when ingest runs)"),
 }
 
 
@@ -95,9 +93,10 @@ def missing_sources(root: Path, params: dict, dvc_file: str = "dvc.yaml") -> lis
     for path, (key, readers) in missing.items():
         who = " and ".join(readers) + (" stages read" if len(readers) > 1 else " stage reads")
         if key:
-            hint = WHAT_TO_PUT.get(key, "create it, or point the key at a file that exists")
-            problems.append(f"params.yaml: {key}: {path} does not exist (the {who} it)"
-                            f": {hint.format(path=path)}")
+            hint = WHAT_TO_PUT.get(key, lambda path: (
+                f"{path} does not exist (the {who} it): create it, or point the key at a file "
+                "that exists"))
+            problems.append(f"params.yaml: {key}: {hint(path)}")
         else:
             problems.append(f"{dvc_file}: {path} does not exist and no stage writes it (the "
                             f"{who} it): restore it (`git checkout -- {path}`)")
