@@ -17,7 +17,7 @@ from voicetune.errors import run_stage
 from voicetune import ratings
 from voicetune.files import write_bytes_atomic, write_json_atomic
 from voicetune.params import load_params
-from voicetune.votes import VOTES, read_votes, weights_identity, weights_match
+from voicetune.votes import VOTES, counted, read_votes, weights_identity
 
 METRICS = Path("metrics/arena.json")
 PLOT = Path("metrics/plots/arena.png")
@@ -32,16 +32,13 @@ def main() -> None:
     votes, warnings = read_votes(VOTES)
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
-    current, identity = None, None
-    if p["adapter"] == "current":
-        # dvc.lock is no dep of this stage: the weights are, and their entries read here
-        # change exactly when they do (see NOT_DEPS in tests/test_dvc_graph.py)
-        identity = weights_identity(".")
-        if any(identity.values()):
-            current = (lambda vote: weights_match(vote, identity))
-        elif votes:
-            print("WARNING: dvc.lock records none of the models' weights: counting every vote "
-                  "(run the pipeline, or set arena.adapter: all)", file=sys.stderr)
+    # dvc.lock is no dep of this stage: the weights are, and their entries read here change
+    # exactly when they do (see NOT_DEPS in tests/test_dvc_graph.py)
+    identity = weights_identity(".") if p["adapter"] == "current" else None
+    current = counted(p["adapter"], identity)
+    if identity is not None and current is None and votes:
+        print("WARNING: dvc.lock records none of the models' weights: counting every vote "
+              "(run the pipeline, or set arena.adapter: all)", file=sys.stderr)
     result = ratings.compute_ratings(votes, current, weights=identity, models=p["models"],
                                      rounds=p["rounds"], seed=p["seed"], skipped_lines=len(warnings))
     png = ratings.plot_png(result)

@@ -181,12 +181,12 @@ def test_a_vote_reruns_only_arena_pairs_and_report(tiny_project):
     the pairs (arena is among preference.sources) and the report, nothing upstream; votes that
     add no pair (these do not say they were on a training question) leave data/pairs as it
     was, so preference tuning does not rerun. With no votes the ratings and the report say so."""
-    from voicetune.votes import adapter_identity, append_vote
+    from voicetune.votes import append_vote, weights_identity
 
     dvc(tiny_project, "repro")  # a no-op after test_full_pipeline_on_a_tiny_model
     assert json.loads((tiny_project / "metrics/arena.json").read_text())["votes"] == 0
     assert "No arena votes yet" in (tiny_project / "metrics/report.md").read_text()
-    adapter = adapter_identity(tiny_project)
+    adapter = weights_identity(tiny_project)["adapters"]
     assert adapter and adapter.endswith(".dir")
     for choice in ("A", "A", "B", "tie", "both_bad"):
         append_vote(tiny_project / "data/arena/votes.jsonl",

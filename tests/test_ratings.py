@@ -11,11 +11,16 @@ import pytest
 
 from voicetune import ratings
 from voicetune.ratings import ELO, bradley_terry, compute_ratings, wilson
+from voicetune.votes import counted
 
 from .conftest import ROOT, run_stage
 
 ADAPTER = "c89e633d788bf424b1c6eda3e1739be4.dir"
 LOG3 = 400 * math.log10(3)  # 190.849...: the Elo gap of 3:1 odds
+
+
+# the arena stage's rule for arena.adapter: current, with these weights in dvc.lock
+CURRENT = counted("current", {"adapters": ADAPTER})
 
 
 def votes(n: int, a: str, b: str, vote: str, adapter: str = ADAPTER) -> list[dict]:
@@ -32,7 +37,7 @@ def test_three_to_one_is_400_log10_3_elo():
     theta = bradley_terry([[0, 30], [10, 0]], ridge=0)
     assert ELO * (theta[0] - theta[1]) == pytest.approx(LOG3, abs=1e-9)
     # the default weak ridge moves it by 0.0013 Elo; the table rounds to 0.01
-    result = compute_ratings(votes(30, "lora", "base", "A") + votes(10, "base", "lora", "A"), ADAPTER)
+    result = compute_ratings(votes(30, "lora", "base", "A") + votes(10, "base", "lora", "A"), CURRENT)
     assert result["models"]["base"]["rating"] == 1000.0
     assert gap(result) == pytest.approx(LOG3, abs=0.01)
     lora = result["models"]["lora"]
@@ -42,7 +47,7 @@ def test_three_to_one_is_400_log10_3_elo():
 
 def test_a_tie_is_half_a_win_for_each_side():
     # 20 wins, 20 ties, 0 losses: 30 : 10 in half-wins, the same 3:1 odds
-    result = compute_ratings(votes(20, "lora", "base", "A") + votes(20, "base", "lora", "tie"), ADAPTER)
+    result = compute_ratings(votes(20, "lora", "base", "A") + votes(20, "base", "lora", "tie"), CURRENT)
     assert gap(result) == pytest.approx(LOG3, abs=0.01)
     lora = result["models"]["lora"]
     assert (lora["wins"], lora["ties"], lora["losses"], lora["win_rate"]) == (20, 20, 0, 0.75)
@@ -52,7 +57,7 @@ def test_a_tie_is_half_a_win_for_each_side():
 def test_both_bad_is_counted_apart_and_changes_nothing_else():
     base = votes(30, "lora", "base", "A") + votes(10, "lora", "base", "B")
     with_bad = base + votes(7, "base", "lora", "both_bad")
-    plain, result = compute_ratings(base, ADAPTER), compute_ratings(with_bad, ADAPTER)
+    plain, result = compute_ratings(base, CURRENT), compute_ratings(with_bad, CURRENT)
     assert result["both_bad"] == 7 and result["used"] == 47
     for name in ("base", "lora"):
         m, p = result["models"][name], plain["models"][name]
@@ -69,7 +74,7 @@ def test_three_models_consistent_odds():
     v = (votes(30, "lora", "base", "A") + votes(10, "lora", "base", "B")
          + votes(30, "fused", "base", "A") + votes(10, "fused", "base", "B")
          + votes(20, "lora", "fused", "A") + votes(20, "lora", "fused", "B"))
-    result = compute_ratings(v, ADAPTER, models=["base", "lora", "fused"])
+    result = compute_ratings(v, CURRENT, models=["base", "lora", "fused"])
     assert gap(result, "lora") == pytest.approx(LOG3, abs=0.01)
     assert gap(result, "fused") == pytest.approx(LOG3, abs=0.01)
     assert list(result["pairs"]) == ["lora_vs_base", "fused_vs_base", "fused_vs_lora"]
@@ -78,7 +83,7 @@ def test_three_models_consistent_odds():
 
 def test_only_votes_for_the_current_adapter_count_unless_all():
     v = votes(30, "lora", "base", "A") + votes(10, "lora", "base", "B") + votes(9, "base", "lora", "A", "old.dir")
-    current = compute_ratings(v, ADAPTER)
+    current = compute_ratings(v, CURRENT)
     assert (current["votes"], current["used"], current["other_weights"]) == (49, 40, 9)
     assert gap(current) == pytest.approx(LOG3, abs=0.01)
     everything = compute_ratings(v, None)  # arena.adapter: all
@@ -90,13 +95,13 @@ def test_only_votes_for_the_current_adapter_count_unless_all():
 def test_unknown_models_and_self_battles_are_counted_not_used():
     v = votes(3, "lora", "base", "A") + votes(1, "gpt", "base", "A") + votes(1, "lora", "lora", "A") \
         + [{"model_a": "lora", "vote": "A", "adapter": ADAPTER}]
-    result = compute_ratings(v, ADAPTER)
+    result = compute_ratings(v, CURRENT)
     assert (result["used"], result["invalid"]) == (3, 3)
 
 
 # ------------------------------------------------------------------ no votes, no battles, separation
 def test_no_votes_gives_null_ratings_not_an_error():
-    result = compute_ratings([], ADAPTER, models=["base", "lora"])
+    result = compute_ratings([], CURRENT, models=["base", "lora"])
     assert result["votes"] == 0 and result["anchor"] is None and result["pairs"] == {}
     for m in result["models"].values():
         assert m["rating"] is None and m["rating_ci_low"] is None and m["win_rate"] is None
@@ -105,24 +110,24 @@ def test_no_votes_gives_null_ratings_not_an_error():
 
 
 def test_a_model_without_battles_gets_null_ratings():
-    result = compute_ratings(votes(3, "lora", "base", "A") + votes(2, "lora", "base", "B"), ADAPTER,
+    result = compute_ratings(votes(3, "lora", "base", "A") + votes(2, "lora", "base", "B"), CURRENT,
                              models=["base", "lora", "fused"])
     fused = result["models"]["fused"]
     assert fused["rating"] is None and fused["rating_ci_high"] is None and fused["battles"] == 0
     assert list(result["pairs"]) == ["lora_vs_base"]
     # only both-bad votes: battles, but nothing to rate
-    only_bad = compute_ratings(votes(4, "lora", "base", "both_bad"), ADAPTER)
+    only_bad = compute_ratings(votes(4, "lora", "base", "both_bad"), CURRENT)
     assert only_bad["models"]["lora"]["battles"] == 4 and only_bad["models"]["lora"]["rating"] is None
 
 
 def test_without_base_votes_the_first_rated_model_is_the_anchor():
-    result = compute_ratings(votes(30, "fused", "lora", "A") + votes(10, "fused", "lora", "B"), ADAPTER)
+    result = compute_ratings(votes(30, "fused", "lora", "A") + votes(10, "fused", "lora", "B"), CURRENT)
     assert result["anchor"] == "lora" and result["models"]["lora"]["rating"] == 1000.0
     assert gap(result, "fused", "lora") == pytest.approx(LOG3, abs=0.01)
 
 
 def test_a_model_that_never_lost_gets_a_finite_flagged_rating():
-    result = compute_ratings(votes(10, "lora", "base", "A"), ADAPTER)
+    result = compute_ratings(votes(10, "lora", "base", "A"), CURRENT)
     lora = result["models"]["lora"]
     values = [lora[k] for k in ("rating", "rating_ci_low", "rating_ci_high")]
     assert all(math.isfinite(v) for v in values) and lora["rating"] > 2000  # ~ +1,720 Elo
@@ -130,11 +135,11 @@ def test_a_model_that_never_lost_gets_a_finite_flagged_rating():
     assert lora["win_rate"] == 1.0 and lora["win_rate_ci_low"] == pytest.approx(0.7225, abs=1e-4)
     assert "lora never lost to base's side" in ratings.table_rows(result)["note"]
     # more wins, higher: the prior keeps it finite and monotone
-    assert compute_ratings(votes(20, "lora", "base", "A"), ADAPTER)["models"]["lora"]["rating"] > lora["rating"]
+    assert compute_ratings(votes(20, "lora", "base", "A"), CURRENT)["models"]["lora"]["rating"] > lora["rating"]
     # one model never won against the other two, which split their games: only it is unbounded
     v = votes(5, "lora", "base", "A") + votes(5, "fused", "base", "A") + votes(6, "lora", "fused", "A") \
         + votes(4, "lora", "fused", "B")
-    three = compute_ratings(v, ADAPTER, models=["base", "lora", "fused"])
+    three = compute_ratings(v, CURRENT, models=["base", "lora", "fused"])
     assert three["separated"] and three["anchor"] == "base"
     assert [m for m, r in three["models"].items() if r["unbounded"]] == ["lora", "fused"]
     # the gap between the two that met both ways is still measured: 6:4 odds
@@ -152,16 +157,16 @@ def test_fit_never_returns_nan():
 # ------------------------------------------------------------------ the bootstrap
 def test_bootstrap_is_seeded_and_reproducible():
     v = votes(18, "lora", "base", "A") + votes(11, "lora", "base", "B") + votes(6, "lora", "base", "tie")
-    one, again = compute_ratings(v, ADAPTER, seed=0), compute_ratings(v, ADAPTER, seed=0)
+    one, again = compute_ratings(v, CURRENT, seed=0), compute_ratings(v, CURRENT, seed=0)
     assert one == again
-    other = compute_ratings(v, ADAPTER, seed=1)
+    other = compute_ratings(v, CURRENT, seed=1)
     assert other["models"]["lora"]["rating"] == one["models"]["lora"]["rating"]
     assert other["models"]["lora"]["rating_ci_low"] != one["models"]["lora"]["rating_ci_low"]
     lora = one["models"]["lora"]
     assert lora["rating_ci_low"] < lora["rating"] < lora["rating_ci_high"]
     # the interval narrows with 4x the votes, by about half
     wide = lora["rating_ci_high"] - lora["rating_ci_low"]
-    narrow = compute_ratings(v * 4, ADAPTER)["models"]["lora"]
+    narrow = compute_ratings(v * 4, CURRENT)["models"]["lora"]
     assert 0.35 < (narrow["rating_ci_high"] - narrow["rating_ci_low"]) / wide < 0.65
 
 
@@ -174,7 +179,7 @@ def test_500_votes_1000_rounds_fast_enough_for_a_page_refresh():
         v.append({"model_a": str(a), "model_b": str(b), "adapter": ADAPTER,
                   "vote": str(rng.choice(["A", "B", "tie", "both_bad"], p=[0.4, 0.3, 0.2, 0.1]))})
     start = time.perf_counter()
-    result = compute_ratings(v, ADAPTER, rounds=1000)
+    result = compute_ratings(v, CURRENT, rounds=1000)
     assert time.perf_counter() - start < 2.0  # about 0.03 s measured on 2 cores
     assert all(m["rating_ci_low"] is not None for m in result["models"].values())
 
@@ -230,7 +235,7 @@ def test_wilson_interval_matches_a_published_computation():
 # ------------------------------------------------------------------ what is shown
 def test_table_markdown_and_plot():
     v = votes(30, "lora", "base", "A") + votes(10, "lora", "base", "B") + votes(2, "lora", "base", "both_bad")
-    result = compute_ratings(v, ADAPTER)
+    result = compute_ratings(v, CURRENT)
     table = ratings.table_rows(result)
     assert [r["model"] for r in table["rows"]] == ["base", "lora"]
     lora = table["rows"][1]
@@ -242,7 +247,7 @@ def test_table_markdown_and_plot():
     assert "![arena ratings](plots/arena.png)" in text
     png = ratings.plot_png(result)
     assert png.startswith(b"\x89PNG") and png == ratings.plot_png(result)  # stable bytes
-    empty = ratings.plot_png(compute_ratings([], ADAPTER, models=["base", "lora"]))
+    empty = ratings.plot_png(compute_ratings([], CURRENT, models=["base", "lora"]))
     assert empty.startswith(b"\x89PNG") and empty != png
     json.dumps(result, allow_nan=False)  # no NaN anywhere: valid JSON for metrics and the page
 

@@ -82,6 +82,7 @@ def test_plots_are_written(tmp_path):
 
 def test_markdown_shows_the_arena_ratings_or_says_there_are_none():
     from voicetune.ratings import compute_ratings
+    from voicetune.votes import counted
 
     comps = report.comparisons(report.per_question(RUNS), seed=0)
 
@@ -89,15 +90,15 @@ def test_markdown_shows_the_arena_ratings_or_says_there_are_none():
         return report.markdown(summaries(), comps, train={}, fuse={}, runs=RUNS, examples=1,
                                seed=0, plots=["plots/loss.png"], arena=arena)
 
-    for empty in (None, {}, compute_ratings([], "c89e.dir", models=["base", "lora"])):
+    for empty in (None, {}, compute_ratings([], counted("current", {"adapters": "c89e.dir"}), models=["base", "lora"])):
         assert "No arena votes yet (`make arena`" in text(empty)
         assert "plots/arena.png" not in text(empty)
     old = [{"model_a": "lora", "model_b": "base", "vote": "A", "adapter": "old.dir"}]
     assert "No arena votes for the current adapter yet (1 in data/arena/votes.jsonl, 1 for " \
-           "other adapters" in text(compute_ratings(old, "c89e.dir"))
+           "other adapters" in text(compute_ratings(old, counted("current", {"adapters": "c89e.dir"})))
     votes = [{"model_a": "lora", "model_b": "base", "vote": v, "adapter": "c89e.dir"}
              for v in ["A"] * 30 + ["B"] * 10]
-    shown = text(compute_ratings(votes, "c89e.dir"))
+    shown = text(compute_ratings(votes, counted("current", {"adapters": "c89e.dir"})))
     assert "## Arena: blind side-by-side votes" in shown
     assert "| lora | 1191 |" in shown and "![arena ratings](plots/arena.png)" in shown
     assert shown.index("## Arena") < shown.index("## Plots")

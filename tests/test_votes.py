@@ -10,7 +10,7 @@ import threading
 import time
 
 from voicetune import votes as votes_module
-from voicetune.votes import adapter_identity, append_vote, read_votes
+from voicetune.votes import append_vote, read_votes, weights_identity
 
 from .conftest import ROOT
 
@@ -83,11 +83,11 @@ def test_lines_that_are_not_votes_are_reported_not_trusted(tmp_path):
 
 
 def test_the_adapter_identity_is_dvc_locks_hash_of_the_adapters(tmp_path):
-    assert adapter_identity(tmp_path) is None
+    assert weights_identity(tmp_path)["adapters"] is None
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: metrics/train.json\n      md5: 1\n"
         "    - path: models/adapters\n      hash: md5\n      md5: c89e.dir\n")
-    assert adapter_identity(tmp_path) == "c89e.dir"
+    assert weights_identity(tmp_path)["adapters"] == "c89e.dir"
 
 
 def test_read_votes_waits_for_a_vote_being_written(tmp_path):
@@ -117,7 +117,6 @@ WEIGHTS = {"base": "b45e.dir", "adapters": "c89e.dir", "fused": "f05e.dir",
 
 
 def test_the_weights_identity_is_dvc_locks_hash_of_every_weight_file(tmp_path):
-    from voicetune.votes import weights_identity
 
     assert weights_identity(tmp_path) == dict.fromkeys(WEIGHTS)
     (tmp_path / "dvc.lock").write_text(
@@ -127,7 +126,7 @@ def test_the_weights_identity_is_dvc_locks_hash_of_every_weight_file(tmp_path):
         "  fuse:\n    outs:\n    - path: models/fused\n      md5: f05e.dir\n"
         "  preference:\n    outs:\n    - path: models/preference_adapters\n      md5: d90a.dir\n")
     assert weights_identity(tmp_path) == WEIGHTS
-    assert adapter_identity(tmp_path) == "c89e.dir"
+    assert weights_identity(tmp_path)["adapters"] == "c89e.dir"
 
 
 def test_a_vote_counts_only_for_the_weights_that_made_both_its_answers():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import UserError, run_stage
 from .params import load_params
-from .votes import VOTES, read_votes, weights_identity, weights_match
+from .votes import VOTES, counted, read_votes, weights_identity, weights_match
 
 PAIRS = Path("data/arena/pairs.jsonl")
 
@@ -65,9 +65,7 @@ def ratings_fn(params: dict, identity: dict | None):
     from .ratings import compute_ratings, table_rows
 
     arena = params["arena"]
-    current = None
-    if arena["adapter"] == "current" and identity and any(identity.values()):
-        current = (lambda vote: weights_match(vote, identity))
+    current = counted(arena["adapter"], identity)
 
     def ratings(votes):
         result = compute_ratings(votes, current, weights=identity, models=arena["models"],

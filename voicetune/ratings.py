@@ -158,18 +158,15 @@ def _win_matrices(scores: np.ndarray, first: np.ndarray, second: np.ndarray, k: 
     return np.bincount(flat, weights, minlength=rows * k * k).reshape(rows, k, k)
 
 
-def compute_ratings(votes: list[dict], current: Callable[[dict], bool] | str | None = None, *,
+def compute_ratings(votes: list[dict], current: Callable[[dict], bool] | None = None, *,
                     weights: dict | None = None,
                     models: list[str] | tuple[str, ...] | None = None, rounds: int = 1000,
                     seed: int = 0, skipped_lines: int = 0, ridge: float = RIDGE) -> dict:
     """The ratings table of ``votes``: only the votes ``current(vote)`` says were made with the
-    current weights (``votes.weights_match``; a string: the SFT adapter's md5, the rule of
-    votes of schema 1), or all votes (None). ``weights``: the current weights' identities,
+    current weights (``votes.counted``), or all votes (None). ``weights``: the current weights' identities,
     recorded in the result. ``models``: the models always listed (arena.models), with or
     without votes; any other model with battles is listed too. A model without decided battles
     has null ratings. ``skipped_lines``: torn lines of the votes file, reported in the totals."""
-    if isinstance(current, str):
-        current = (lambda vote, adapter=current: vote.get("adapter") == adapter)
     usable, other_weights, invalid = [], 0, 0
     for vote in votes:
         if current is not None and not current(vote):

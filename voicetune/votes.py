@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -89,13 +90,6 @@ def _locked_md5s(root: str | Path) -> dict:
             for stage, entry in stages.items() for out in entry.get("outs", [])}
 
 
-def adapter_identity(root: str | Path = ".", stage: str = "train",
-                     path: str = "models/adapters") -> str | None:
-    """The md5 that dvc.lock records for the train stage's ``models/adapters`` (or another
-    stage's output): the identity of the adapter being judged. None when dvc.lock has none."""
-    return _locked_md5s(root).get((stage, path))
-
-
 def weights_identity(root: str | Path = ".") -> dict[str, str | None]:
     """The identity of every weight file of ``WEIGHTS``: its md5 in dvc.lock (None: not there)."""
     md5s = _locked_md5s(root)
@@ -120,3 +114,12 @@ def weights_match(vote: dict, identity: dict) -> bool:
         recorded = {"adapters": vote.get("adapter"), "preference_adapters": vote.get("preference_adapter")}
         needed = {"adapters"} | ({"preference_adapters"} if "dpo" in models else set())
     return all(recorded.get(w) is not None and recorded.get(w) == identity.get(w) for w in needed)
+
+
+def counted(setting: str, identity: dict | None) -> Callable[[dict], bool] | None:
+    """Which votes the ratings count, as arena.adapter says: ``current``, the votes made with
+    the weights ``identity`` names (``weights_match``); ``all``, or no weights recorded in
+    dvc.lock (models given by path), every vote (None)."""
+    if setting != "current" or not identity or not any(identity.values()):
+        return None
+    return lambda vote: weights_match(vote, identity)
