@@ -24,7 +24,7 @@ ARGV = args=$$($(PY) -c "$$SPLIT_ARGS_PY" $(call q,$(ARGS))) && eval "set -- $$a
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
-	@# mlx[cpu] needs a real BLAS (voicetune/blas.py proves each candidate before loading it):
+	@# mlx[cpu] needs a real BLAS (voicetune/core/blas.py proves each candidate before loading it):
 	@# the PyPI OpenBLAS builds need the system libgfortran5, and Debian's DYNAMIC_ARCH
 	@# libopenblas0-pthread is the fallback that fits every CPU
 	@if [ "$$(uname -s)" = Linux ] && ! { ldconfig -p | grep -q 'libgfortran.so.5 ' && \
@@ -46,33 +46,33 @@ $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
 	touch $@
 
 # The preflight says what is missing (params, posts, dataset) in the project's words first:
-# DVC would only say "No such file or directory"; `python -m voicetune.preflight` does the same
+# DVC would only say "No such file or directory"; `python -m voicetune.tools.preflight` does the same
 # before a plain `dvc repro`.
 repro: setup  ## run the whole pipeline (dvc repro) on params.yaml
-	$(PY) -m voicetune.preflight
+	$(PY) -m voicetune.tools.preflight
 	$(BIN)/dvc repro
 
 test: setup  ## run the test suite
 	$(BIN)/pytest
 
 recipe: setup  ## apply recipes/$(R).yaml to params.yaml, e.g. make recipe R=phi3-blog; then make repro
-	$(PY) -m voicetune.recipe $(call q,recipes/$(R).yaml)
+	$(PY) -m voicetune.tools.recipe $(call q,recipes/$(R).yaml)
 
 # Which BLAS MLX computes with: every candidate proved in a child process (a crash, a wrong
 # product or a hang rejects it, with the reason), its kernels, threads and GFLOP/s.
 blas: setup  ## which BLAS MLX uses here and why: make blas [ARGS="--measure 5 [--coretype Haswell]"]
-	@$(ARGV) && $(PY) -m voicetune.blas_report "$$@"
+	@$(ARGV) && $(PY) -m voicetune.tools.blas_report "$$@"
 
 bench: setup  ## speed: MLX vs PyTorch+PEFT vs the matmul ceiling -> metrics/bench.json
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python -m voicetune.bench
+	$(BIN)/python -m voicetune.tools.bench
 
 # The train stage on NP processes here, or one per host of HOSTS (an mlx.launch hostfile);
 # `dvc commit` then records its outputs, so `make repro` goes on from there.
 NP ?= 2
 train-distributed: setup  ## data-parallel training: make train-distributed [NP=2 | HOSTS=hosts.json]
 	$(BIN)/dvc repro prepare
-	$(PY) -m voicetune.distributed $(if $(HOSTS),--hostfile $(call q,$(HOSTS)),--np $(call q,$(NP)))
+	$(PY) -m voicetune.tools.distributed $(if $(HOSTS),--hostfile $(call q,$(HOSTS)),--np $(call q,$(NP)))
 	$(BIN)/dvc commit --force train
 
 # Re-resolve requirements.lock from pyproject.toml (newest versions that fit, for every
@@ -88,15 +88,15 @@ lock:  ## update requirements.lock after changing pyproject.toml's dependencies
 # and the library versions where they differ (`dvc exp show` prints ~150 columns).
 N ?= 1
 runs: setup  ## compare runs: make runs [N=5] (HEAD and N-1 commits before it, with experiments)
-	$(PY) -m voicetune.runs -n $(call q,$(N))
+	$(PY) -m voicetune.tools.runs -n $(call q,$(N))
 
 # Talk to the models: streamed answers in the persona; base and lora share one copy of the
 # weights. Greedy answers are the evaluate stage's (same generation function).
 chat: setup  ## make chat [MODEL=base|lora|fused] [COMPARE=base,lora,fused] [ARGS=--no-check]
-	@$(ARGV) && $(PY) -m voicetune.chat $(if $(COMPARE),--compare $(call q,$(COMPARE)),--model $(call q,$(or $(MODEL),lora))) "$$@"
+	@$(ARGV) && $(PY) -m voicetune.tools.chat $(if $(COMPARE),--compare $(call q,$(COMPARE)),--model $(call q,$(or $(MODEL),lora))) "$$@"
 
 bench-chat: setup  ## chat latency: seconds to the first text and tokens/s, base and lora
-	$(BIN)/python -m voicetune.bench_generation --chat --questions 5 --max-tokens 100
+	$(BIN)/python -m voicetune.tools.bench_generation --chat --questions 5 --max-tokens 100
 
 # The fused model as a verified GGUF file (f16; `dvc exp run -S gguf.type=q8_0` for 8-bit)
 # with an Ollama Modelfile, for llama.cpp, Ollama and LM Studio: models/gguf/.
@@ -107,7 +107,7 @@ gguf: setup  ## export models/fused to models/gguf/ (GGUF + Modelfile), verified
 # says they are stale). The token comes from `hf auth login` or HF_TOKEN, never from here.
 publish: setup  ## make publish REPO=user/name [WHAT=adapters|fused|gguf] [PRIVATE=1] [DRY_RUN=1] [LICENSE=id] [BASE_MODEL=owner/name] [OUT=dir]
 	@test -n $(call q,$(REPO)) || { echo "make publish needs REPO=user/name (DRY_RUN=1 to only build the folder)"; exit 2; }
-	$(PY) -m voicetune.publish --repo $(call q,$(REPO)) --what $(call q,$(or $(WHAT),adapters)) $(PUBLISH_FLAGS)
+	$(PY) -m voicetune.tools.publish --repo $(call q,$(REPO)) --what $(call q,$(or $(WHAT),adapters)) $(PUBLISH_FLAGS)
 PUBLISH_FLAGS = $(strip $(if $(filter 1,$(PRIVATE)),--private) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
   $(if $(LICENSE),--license $(call q,$(LICENSE))) $(if $(BASE_MODEL),--base-model $(call q,$(BASE_MODEL))) \
   $(if $(OUT),--out $(call q,$(OUT))))
@@ -116,10 +116,10 @@ PUBLISH_FLAGS = $(strip $(if $(filter 1,$(PRIVATE)),--private) $(if $(filter 1,$
 # named only after the vote. Votes -> data/arena/votes.jsonl; `dvc repro arena` rates them.
 PORT ?= 7860
 arena: setup  ## make arena [PORT=7860] [ARGS="--host 0.0.0.0 --temperature 0.7"]; open http://127.0.0.1:$(PORT)
-	@$(ARGV) && $(PY) -m voicetune.arena --port $(call q,$(PORT)) "$$@"
+	@$(ARGV) && $(PY) -m voicetune.tools.arena --port $(call q,$(PORT)) "$$@"
 
 arena-export: setup  ## arena votes -> preference pairs (prompt/chosen/rejected/system) in data/arena/pairs.jsonl
-	@$(ARGV) && $(PY) -m voicetune.arena export "$$@"
+	@$(ARGV) && $(PY) -m voicetune.tools.arena export "$$@"
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive

@@ -3,21 +3,21 @@
     python stages/arena.py                 # reads params.yaml (arena section)
 
 The arena page (make arena) appends the votes; this turns them into win rates and
-Bradley–Terry ratings with bootstrap intervals (voicetune/ratings.py, the page's own table).
+Bradley–Terry ratings with bootstrap intervals (voicetune/evaluate/ratings.py, the page's own table).
 By default only the votes for the current weights count: every weight file behind a vote's two
 models (base, SFT adapters, fused, preference adapters) must be the one dvc.lock records now,
-as the page wrote it into the vote (voicetune.votes.weights_match).
+as the page wrote it into the vote (voicetune.data.votes.weights_match).
 No votes at all is no error: a fresh clone gets a table of nulls and a "no votes yet" plot.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import ratings
-from voicetune.files import write_bytes_atomic, write_json_atomic
-from voicetune.params import load_params
-from voicetune.votes import VOTES, counted, read_votes, weights_identity
+from voicetune.core.errors import run_stage
+from voicetune.evaluate import ratings
+from voicetune.core.files import write_bytes_atomic, write_json_atomic
+from voicetune.core.params import load_params
+from voicetune.data.votes import VOTES, counted, read_votes, weights_identity
 
 METRICS = Path("metrics/arena.json")
 PLOT = Path("metrics/plots/arena.png")

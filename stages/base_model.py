@@ -9,11 +9,11 @@ import argparse
 import json
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import base_model
-from voicetune.chat_format import end_of_turn_token
-from voicetune.files import atomic_dir
-from voicetune.params import load_params
+from voicetune.core.errors import run_stage
+from voicetune.models import base_model
+from voicetune.models.chat_template import end_of_turn_token
+from voicetune.core.files import atomic_dir
+from voicetune.core.params import load_params
 
 
 def main() -> None:

@@ -16,16 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import blas  # before mlx: a fast BLAS on Linux
-from voicetune import fastpath
-from voicetune.environment import versions
-from voicetune.files import write_json_atomic, write_text_atomic
-from voicetune.fusion import load_float32
-from voicetune.generation import generate_batched, prompt_tokens
-from voicetune.metrics import score
-from voicetune.params import load_params
-from voicetune.training import validation_loss
+from voicetune.core.errors import run_stage
+from voicetune.core import blas  # before mlx: a fast BLAS on Linux
+from voicetune.core import kernels
+from voicetune.core.environment import versions
+from voicetune.core.files import write_json_atomic, write_text_atomic
+from voicetune.models.fusion import load_float32
+from voicetune.models.generation import generate_batched, prompt_tokens
+from voicetune.evaluate.metrics import score
+from voicetune.core.params import load_params
+from voicetune.train.sft import validation_loss
 
 from mlx_lm.tuner.datasets import CacheDataset, ChatDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> int:
     params = load_params(args.params)  # validates all of params.yaml, before any work
     p = params["eval"]
     blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
-    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
+    fast_cpu = kernels.enable(params["kernels"]["fast_cpu"])
     out = Path(args.out or f"data/eval/{args.model}.jsonl")
     metrics_path = Path(args.metrics or f"metrics/eval_{args.model}.json")
 
@@ -81,7 +81,7 @@ def main() -> int:
         "max_tokens": p["max_tokens"], "generated_tokens": sum(a["tokens"] for a in answers),
         "fast_cpu_kernels": fast_cpu,
         "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
-    })  # no timings here: two runs must give identical metrics (speed: python -m voicetune.bench_generation)
+    })  # no timings here: two runs must give identical metrics (speed: python -m voicetune.tools.bench_generation)
     # both outputs are replaced at the very end: a failure above keeps the last good pair
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json_atomic(metrics_path, summary)

@@ -14,12 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import blas  # before mlx: a fast BLAS on Linux
-from voicetune.files import atomic_dir, write_json_atomic
-from voicetune.params import load_params
+from voicetune.core.errors import run_stage
+from voicetune.core import blas  # before mlx: a fast BLAS on Linux
+from voicetune.core.files import atomic_dir, write_json_atomic
+from voicetune.core.params import load_params
 
-from voicetune.gguf_export import TYPES, GgufExportError, export, verify  # noqa: E402
+from voicetune.export.gguf import TYPES, GgufExportError, export, verify  # noqa: E402
 
 
 def main() -> int:

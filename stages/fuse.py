@@ -10,15 +10,15 @@ import json
 import sys
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import blas  # before mlx: a fast BLAS on Linux
-from voicetune.files import atomic_dir, write_json_atomic
-from voicetune.fusion import FusionError, fuse, verify
-from voicetune.params import load_params
+from voicetune.core.errors import run_stage
+from voicetune.core import blas  # before mlx: a fast BLAS on Linux
+from voicetune.core.files import atomic_dir, write_json_atomic
+from voicetune.models.fusion import FusionError, fuse, verify
+from voicetune.core.params import load_params
 
 from mlx_lm.utils import load_tokenizer  # noqa: E402
 
-from voicetune.generation import prompt_tokens  # noqa: E402
+from voicetune.models.generation import prompt_tokens  # noqa: E402
 
 
 def main() -> int:

@@ -13,12 +13,13 @@ passages, and a killed run resumes where it stopped.
 import argparse
 import sys
 
-from voicetune.errors import run_stage
-from voicetune import blas  # before mlx: a fast BLAS on Linux
-from voicetune import fastpath, ingest
-from voicetune.files import write_json_atomic, write_text_atomic
-from voicetune.params import load_params
-from voicetune.posts import read_posts, split_passages
+from voicetune.core.errors import run_stage
+from voicetune.core import blas  # before mlx: a fast BLAS on Linux
+from voicetune.core import kernels
+from voicetune.data import ingest
+from voicetune.core.files import write_json_atomic, write_text_atomic
+from voicetune.core.params import load_params
+from voicetune.data.posts import read_posts, split_passages
 
 from tqdm import tqdm  # noqa: E402
 
@@ -47,7 +48,7 @@ def main() -> int:
 
     if not p["endpoint"]:
         blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
-        fastpath.enable(params["kernels"]["fast_cpu"])
+        kernels.enable(params["kernels"]["fast_cpu"])
     elif ingest.has_credentials(p["endpoint"]):
         # written nowhere by this stage; but DVC records the ingest params in dvc.lock
         print(f"WARNING: ingest.endpoint holds credentials ({ingest.safe_url(p['endpoint'])}): "

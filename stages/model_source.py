@@ -9,10 +9,10 @@ model folder reruns it, and identical bytes leave it up to date.
 import argparse
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune.files import dump_json, write_json_atomic
-from voicetune.params import load_params
-from voicetune.source import fingerprint, read_cache
+from voicetune.core.errors import run_stage
+from voicetune.core.files import dump_json, write_json_atomic
+from voicetune.core.params import load_params
+from voicetune.models.source import fingerprint, read_cache
 
 
 def main() -> None:

@@ -13,13 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import blas  # before mlx: a fast BLAS on Linux
-from voicetune import fastpath, pairs
-from voicetune.files import atomic_dir, write_json_atomic
-from voicetune.fusion import load_float32
-from voicetune.params import load_params
-from voicetune.votes import weights_identity
+from voicetune.core.errors import run_stage
+from voicetune.core import blas  # before mlx: a fast BLAS on Linux
+from voicetune.core import kernels
+from voicetune.data import pairs
+from voicetune.core.files import atomic_dir, write_json_atomic
+from voicetune.models.fusion import load_float32
+from voicetune.core.params import load_params
+from voicetune.data.votes import weights_identity
 
 from tqdm import tqdm  # noqa: E402
 
@@ -37,7 +38,7 @@ def main() -> int:
     params = load_params(args.params)  # validates all of params.yaml, before any work
     p, eval_p = params["preference"], params["eval"]
     blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
-    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
+    fast_cpu = kernels.enable(params["kernels"]["fast_cpu"])
     data = Path(args.data)
     rows = pairs.read_exchanges(data / "train.jsonl")
     heldout = pairs.heldout([data / "valid.jsonl", data / "test.jsonl"])

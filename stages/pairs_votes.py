@@ -11,12 +11,12 @@ none. A new vote reruns this stage (a second), and the pairs stage (its self-pla
 import argparse
 import sys
 
-from voicetune.errors import run_stage
-from voicetune.files import write_json_atomic
-from voicetune.params import load_params
-from voicetune.votes import VOTES, read_votes
+from voicetune.core.errors import run_stage
+from voicetune.core.files import write_json_atomic
+from voicetune.core.params import load_params
+from voicetune.data.votes import VOTES, read_votes
 
-OUT = "data/pairs_votes.json"  # voicetune.pairs.read_votes_used reads it
+OUT = "data/pairs_votes.json"  # voicetune.data.pairs.read_votes_used reads it
 
 
 def main() -> int:

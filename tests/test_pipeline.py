@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ROOT
-from .test_dvc_graph import assert_reads_covered, read_audit_env, stages
+from tests.conftest import ROOT
+from tests.test_dvc_graph import assert_reads_covered, read_audit_env, stages
 
-SKIP = {".git", ".venv", "models", "processed", "cache", "tmp", "dvclive", "__pycache__",
-        ".pytest_cache"}
+SKIP = {".git", ".venv", "__pycache__", ".pytest_cache"}  # anywhere
+SKIP_AT = {"models", "data/processed", "cache", "tmp", "dvclive"}  # the project's own, not voicetune/models
 
 
 def dvc_env(env: dict | None = None) -> dict:
@@ -61,7 +61,8 @@ def differing(now: dict[str, bytes], before: dict[str, bytes]) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("project") / "repo"
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [
+        n for n in names if n in SKIP or (Path(d) / n).relative_to(ROOT).as_posix() in SKIP_AT])
     (dest / "dvc.lock").unlink(missing_ok=True)
     git_init(dest)
     return dest
@@ -109,7 +110,8 @@ def tiny_project(tmp_path_factory, tiny_model_dir) -> Path:
 
 def make_tiny_project(dest: Path, model_dir: Path) -> Path:
     """A scratch copy of the project at ``dest`` with params for a fast run on ``model_dir``."""
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [
+        n for n in names if n in SKIP or (Path(d) / n).relative_to(ROOT).as_posix() in SKIP_AT])
     (dest / "dvc.lock").unlink(missing_ok=True)
     lines = (ROOT / "data/sample/tilly_brask.jsonl").read_text().splitlines()
     (dest / "data/sample/small.jsonl").write_text("\n".join(sorted(lines, key=len)[:60]) + "\n")
@@ -181,7 +183,7 @@ def test_a_vote_reruns_only_arena_pairs_and_report(tiny_project):
     the pairs (arena is among preference.sources) and the report, nothing upstream; votes that
     add no pair (these do not say they were on a training question) leave data/pairs as it
     was, so preference tuning does not rerun. With no votes the ratings and the report say so."""
-    from voicetune.votes import append_vote, weights_identity
+    from voicetune.data.votes import append_vote, weights_identity
 
     dvc(tiny_project, "repro")  # a no-op after test_full_pipeline_on_a_tiny_model
     assert json.loads((tiny_project / "metrics/arena.json").read_text())["votes"] == 0
@@ -221,8 +223,8 @@ def test_editing_a_local_model_folder_reruns_base_model(tmp_path, tiny_model_dir
 
 
 def test_the_source_fingerprint_covers_every_file_base_model_copies(tmp_path, tiny_model_dir):
-    from voicetune.base_model import materialize
-    from voicetune.source import fingerprint
+    from voicetune.models.base_model import materialize
+    from voicetune.models.source import fingerprint
 
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     (model / ".hidden").write_text("not copied")
@@ -305,9 +307,9 @@ def test_a_killed_training_run_keeps_the_last_good_outputs_then_resumes(tiny_pro
 def test_the_my_blog_recipe_goes_from_a_folder_of_posts_to_data_split_by_post(tmp_path, tiny_model_dir):
     """`make recipe R=my-blog`, posts in posts/, `dvc repro`: ingest feeds prepare, and every
     post's pairs land in one split. The generator is a stand-in OpenAI-compatible server on
-    127.0.0.1 (tests/test_ingest.py's, with grounded first-person answers): the tiny random
+    127.0.0.1 (tests/data/test_ingest.py's, with grounded first-person answers): the tiny random
     model writes no parseable question."""
-    from .test_ingest import FakeOpenAI
+    from tests.data.test_ingest import FakeOpenAI
     from http.server import ThreadingHTTPServer
     import threading
 
@@ -316,7 +318,7 @@ def test_the_my_blog_recipe_goes_from_a_folder_of_posts_to_data_split_by_post(tm
     try:
         project = make_tiny_project(tmp_path / "repo", tiny_model_dir)
         shutil.copytree(project / "data/sample/posts", project / "posts")
-        recipe = subprocess.run([sys.executable, "-m", "voicetune.recipe", "recipes/my-blog.yaml"],
+        recipe = subprocess.run([sys.executable, "-m", "voicetune.tools.recipe", "recipes/my-blog.yaml"],
                                 cwd=project, capture_output=True, text=True, env=dvc_env())
         assert recipe.returncode == 0, recipe.stderr
         set_param(project, "ingest", "endpoint", f"http://127.0.0.1:{server.server_address[1]}/v1")

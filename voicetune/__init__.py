@@ -5,6 +5,6 @@ Each module holds one idea; the scripts in ``stages/`` are thin wrappers that re
 """
 
 # Before anything imports mlx: give MLX's CPU backend a real BLAS on Linux (see blas.py).
-from . import blas as _blas
+from voicetune.core import blas as _blas
 
 _blas.preload()

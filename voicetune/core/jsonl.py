@@ -1,0 +1,123 @@
+"""JSON Lines, the project's row format: one reader and one writer for every file of rows.
+
+The one error policy: a problem is named ``file:line: what``; every problem of a file is
+collected before anything is raised, so a user fixes them all in one pass (``JsonlError``
+lists them). A row's own checks (``check``) report in the same list. Blank lines are
+skipped. Files that a killed writer may leave with a torn last line (the arena's votes)
+read with ``skip_bad=True``: bad lines are then returned as warnings instead of raised.
+
+``write_jsonl`` is atomic: the rows go to a temporary file beside the target, which
+replaces it in one ``os.replace``; a failure leaves the old file as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from voicetune.core.errors import UserError
+
+MAX_SHOWN = 20  # problems listed in one message; the count says how many more there are
+
+
+class JsonlError(UserError, ValueError):
+    """Every problem of one file, each as ``file:line: what``."""
+
+    def __init__(self, problems: list[str], header: str | None = None):
+        self.problems = list(problems)
+        shown = self.problems[:MAX_SHOWN]
+        more = len(self.problems) - len(shown)
+        lines = ([header + ":"] if header else []) + [f"  {p}" for p in shown]
+        if more:
+            lines.append(f"  ... and {more} more")
+        super().__init__("\n".join(lines) if header or len(shown) > 1 else shown[0])
+
+
+def iter_jsonl(path: str | Path, data: bytes | None = None) -> Iterator[tuple[str, dict | None, str | None]]:
+    """``(where, row, problem)`` per non-blank line: ``where`` is ``file:line``; exactly one
+    of ``row`` (a JSON object) and ``problem`` is set. ``data``: the file's bytes, read already
+    (under a lock, say)."""
+    path = Path(path)
+    if data is None:
+        data = path.read_bytes()
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield where, None, f"{where}: not UTF-8 text (byte {err.start + 1} of the line)"
+            continue
+        try:
+            # parsed without its line break, so an error at the end of a cut-short line is at
+            # the end of this line (with it, json reports "line 2, column 1")
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield where, None, f"{where}: malformed JSON: {err.msg} (column {err.colno})"
+            continue
+        if not isinstance(row, dict):
+            yield where, None, f"{where}: expected a JSON object, got {type(row).__name__}"
+            continue
+        yield where, row, None
+
+
+def read_jsonl(path: str | Path, check: Callable[[dict], str | None] | None = None, *,
+               missing: str | None = None, header: str | None = None, skip_bad: bool = False,
+               data: bytes | None = None) -> list[dict] | tuple[list[dict], list[str]]:
+    """The rows of a JSONL file, each a JSON object for which ``check(row)`` (if given)
+    returns no problem.
+
+    ``missing``: how to make the file, said when it does not exist (``None``: a missing
+    file has no rows). ``header``: the first line of the error. ``skip_bad``: return
+    ``(rows, warnings)`` with the bad lines skipped, instead of raising ``JsonlError``.
+    """
+    path = Path(path)
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if missing is None:
+                return ([], []) if skip_bad else []
+            raise JsonlError([f"{path}: not found; {missing}"]) from None
+        except IsADirectoryError:
+            raise JsonlError([f"{path}: a folder, not a JSONL file"]) from None
+    rows, problems = [], []
+    for where, row, problem in iter_jsonl(path, data):
+        if problem is None and check is not None and (bad := check(row)):
+            problem = f"{where}: {bad}"
+        if problem is None:
+            rows.append(row)
+        else:
+            problems.append(problem)
+    if skip_bad:
+        return rows, problems
+    if problems:
+        raise JsonlError(problems, header)
+    return rows
+
+
+def dumps_jsonl(rows: Iterable[dict]) -> str:
+    """The rows as JSON Lines text, unicode kept as it is (stable bytes for DVC's hashes)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write ``rows`` to ``path`` atomically (streamed to a temporary file, then one
+    ``os.replace``): a failure midway leaves the old file, or none, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,492 @@
+"""Posts in, grounded question/answer pairs out: the ingest stage's library.
+
+For each passage of the author's posts a generator writes ``ingest.questions`` questions a
+reader would ask (one call per passage, a numbered list), then one answer per question in the
+author's first-person voice, given the passage and the persona (``data.system_prompt``). Small
+models do not follow "reply as JSON"; a numbered list of lines ending in "?" they do.
+
+The generator is the pipeline's own base model in-process (offline, batched with
+``generation.generate_batched``) or any OpenAI-compatible chat endpoint (``mlx_lm.server``,
+Ollama, llama.cpp's server, a hosted API whose key is read from the environment, never stored).
+A key written into the URL itself (``user:key@``, ``?api_key=``) is sent, but shown as ``***``
+wherever the URL is written or printed (``safe_url``).
+
+Every pair is validated; a rejected one is counted under its reason (``REASONS``). The raw
+replies are cached per passage under ``cache/ingest/`` (outside DVC's outputs), keyed by a
+hash of what the generator saw and how it was asked: adding a post generates only its
+passages, a killed run resumes, and changing a validation threshold regenerates nothing.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from voicetune.data.qa import normalized
+from voicetune.core.errors import UserError
+from voicetune.core.files import write_json_atomic
+
+# Bump when a prompt's wording changes: it is part of every cache key and every pair's provenance.
+PROMPT_VERSION = "ingest-v1"
+
+# Why a candidate question or pair was dropped (metrics/ingest.json counts each):
+REASONS = {
+    "unparseable": "the question reply held no numbered question at all",
+    "not_a_question": "a listed line that does not end in '?' or has under 3 words",
+    "duplicate": "the same question (normalized) as an earlier one in the corpus",
+    "cut": "the answer hit ingest.max_tokens mid-sentence, and no whole sentence of it is "
+           "long enough to keep (ingest.trim_cut: its whole sentences are kept when they are)",
+    "markup": "the reply holds a chat-template token such as <|im_end|> or a <placeholder>",
+    "too_short": "answer under ingest.min_answer_words words",
+    "too_long": "answer over ingest.max_answer_words words",
+    "ungrounded": "under ingest.min_grounding of the answer's content words are in the passage",
+    "copied": "over ingest.max_copied of the answer is verbatim runs of the passage",
+    "not_first_person": "the answer never speaks as the author (no I, me, my, we, our)",
+}
+COPY_RUN = 6  # words: a shared run this long is copying, not a phrase that happens to recur
+
+# Words that carry no content: grounding compares what remains. A short list on purpose;
+# first-person pronouns are here too, since the answer rewrites the passage's "I" as its own.
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before
+being below between both but by can could did do does doing down during each few for from
+further had has have having he her here hers herself him himself his how i if in into is it
+its itself just like me more most my myself no nor not now of off on once only or other our
+ours ourselves out over own really same she should so some such than that the their theirs
+them themselves then there these they this those through to too under until up very was we
+were what when where which while who whom why will with would you your yours yourself
+yourselves one get got make made thing things much many way even well still back know think
+""".split())
+
+
+class IngestError(UserError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str  # "stop" (ended by itself) or "length" (hit max_tokens)
+
+
+# ------------------------------------------------------------------------------ prompts
+def question_chat(title: str | None, heading: str | None, text: str, n: int) -> list[dict]:
+    where = " ".join(f'"{t}"' for t in (title, heading) if t)
+    items = "\n".join(f"{i}. <question>" for i in range(1, n + 1))
+    return [{"role": "user", "content": (
+        f"Read this passage from a blog post{' ' + where if where else ''}:\n\n{text}\n\n"
+        f"Write {n} different questions a reader could ask the author about it. "
+        f"Use this format:\n{items}")}]
+
+
+def answer_chat(persona: str, text: str, question: str) -> list[dict]:
+    return [{"role": "system", "content": f"{persona}\n\nYou wrote this on your blog:\n\n{text}"},
+            {"role": "user", "content": (
+                f"{question}\n\nAnswer as the author, in the first person (I, my), in 2 to 4 "
+                "sentences, using what you wrote.")}]
+
+
+# ------------------------------------------------------------------------------ generators
+class InProcess:
+    """The base model in this process: batched, greedy or seeded sampling."""
+
+    def __init__(self, model_dir: str | Path, max_tokens: int, temperature: float, seed: int,
+                 repetition_penalty: float | None):
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer_config.json").is_file():
+            raise IngestError(f"{model_dir}: no model folder (no tokenizer_config.json); build it "
+                              "with `dvc repro base_model`, or set ingest.endpoint to a server")
+        from mlx_lm.utils import load
+
+        self.model, self.tokenizer = load(str(model_dir))
+        self.settings = dict(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                             repetition_penalty=repetition_penalty)
+        try:
+            source = json.loads((model_dir / "source.json").read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            source = str(model_dir)
+        self.name = f"in-process {model_dir.as_posix()} ({source})"
+        # the weights themselves: a retrained or replaced models/base must not reuse the cache
+        digest = hashlib.sha256()
+        for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
+            digest.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    digest.update(chunk)
+        self.identity = f"{self.name} sha256:{digest.hexdigest()}"
+
+    def complete(self, chats: list[list[dict]], progress: Callable[[int], None] | None = None
+                 ) -> list[Reply]:
+        """One reply per chat; ``progress(1)`` as each one is finished."""
+        from voicetune.models.generation import generate_batched, prompt_tokens
+
+        prompts = [prompt_tokens(self.tokenizer, chat) for chat in chats]
+        # every prompt of the call in one continuous batch: on a CPU, decoding 24 answers at
+        # once costs little more than decoding 8
+        out = generate_batched(self.model, self.tokenizer, prompts, **self.settings,
+                               batch_size=max(1, min(len(prompts), 64)), progress=progress)
+        return [Reply(o["prediction"], o["finish_reason"]) for o in out]
+
+
+# a query parameter whose name holds one of these carries a secret: api_key, key, access_token,
+# token, sig, X-Amz-Signature, password, client_secret, auth, session...
+_SECRET_NAME = re.compile(r"key|token|secret|pass|pwd|auth|sig|credential|session", re.IGNORECASE)
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` holds what ``safe_url`` hides."""
+    parts = urlsplit(url)
+    return "@" in parts.netloc or any(_SECRET_NAME.search(item.partition("=")[0])
+                                      for item in parts.query.split("&") if item)
+
+
+def safe_url(url: str) -> str:
+    """``url`` as it may be written or printed: credentials in it (``user:key@``, and the values
+    of query parameters named like a key or a token) replaced by ``***``. The request itself
+    still uses the URL as given; the key belongs in the variable ingest.api_key_env names."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{name}=***" if _SECRET_NAME.search(name) else
+                     (f"{name}={value}" if sep else name)
+                     for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _detail(err) -> str:
+    """The server's own words for an HTTP error, short: an API's JSON error message, else the
+    body's text without markup (a plain web server's error page)."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        text = inner.get("message") or inner.get("detail") if isinstance(inner, dict) else inner
+    else:
+        text = body
+    if not isinstance(text, str) or not text.strip():
+        text = getattr(err.response, "text", "") or ""
+    text = re.sub(r"<head.*?</head>", " ", text, flags=re.DOTALL | re.IGNORECASE)
+    text = " ".join(re.sub(r"<[^>]*>", " ", text).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class Endpoint:
+    """An OpenAI-compatible chat endpoint, one request at a time."""
+
+    def __init__(self, url: str, model: str, api_key_env: str | None, timeout: float,
+                 max_tokens: int, temperature: float, seed: int):
+        import openai
+
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise IngestError(f"ingest.api_key_env names the environment variable {api_key_env}, "
+                                  f"which is not set; export {api_key_env}=<your key> before running "
+                                  "(the key is read from there and never written anywhere), or set "
+                                  "ingest.api_key_env: null for a local server")
+        else:
+            key = "none"  # local servers need none; never fall back to OPENAI_API_KEY silently
+        # written and printed: safe_url; the cache key too, so that a new key keeps the cache
+        self.url, self.model, self.timeout = safe_url(url), model, timeout
+        parts = urlsplit(url)  # a query (?api-version=..., ?key=...) goes with every request
+        base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        self.chat_url = safe_url(urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/")
+                                             + "/chat/completions", parts.query, "")))
+        self.client = openai.OpenAI(base_url=base, api_key=key, timeout=timeout, max_retries=1,
+                                    default_query=dict(parse_qsl(parts.query, keep_blank_values=True)) or None)
+        self.settings = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        self.name = self.identity = f"endpoint {self.url} model {model}"
+
+    def complete(self, chats: list[list[dict]], progress: Callable[[int], None] | None = None
+                 ) -> list[Reply]:
+        """One reply per chat, a request each; ``progress(1)`` after each."""
+        import openai
+
+        replies = []
+        for chat in chats:
+            try:
+                r = self.client.chat.completions.create(model=self.model, messages=chat, **self.settings)
+            except openai.APITimeoutError:
+                raise IngestError(f"ingest.endpoint {self.url}: no reply within {self.timeout:g} s "
+                                  "(ingest.timeout), tried twice; is the server busy or stuck? A "
+                                  "small model on a loaded CPU may need a larger ingest.timeout") from None
+            except openai.APIConnectionError as err:
+                base = str(self.client.base_url)
+                cause = str(err.__cause__ or err).replace(base, safe_url(base))
+                raise IngestError(f"ingest.endpoint {self.url}: cannot connect ({cause}); "
+                                  "start the server (e.g. `python -m mlx_lm.server --model models/base "
+                                  "--port 8080` for http://127.0.0.1:8080/v1) or fix ingest.endpoint; "
+                                  "null generates in-process") from None
+            except openai.AuthenticationError as err:
+                raise IngestError(f"ingest.endpoint {self.url}: the key was refused ({err.status_code}); "
+                                  "check the variable that ingest.api_key_env names") from None
+            except openai.APIStatusError as err:
+                detail = _detail(err)
+                if err.status_code in (404, 405, 501):  # no such path or method: not this API here
+                    raise self._not_an_api(f"answered HTTP {err.status_code}"
+                                           + (f" ({detail})" if detail else "")) from None
+                raise IngestError(f"ingest.endpoint: {self.chat_url} answered HTTP {err.status_code} "
+                                  f"for model {self.model!r}: {detail or 'no details'}") from None
+            try:
+                choice = r.choices[0]
+                text, finish = choice.message.content, choice.finish_reason
+            except (AttributeError, IndexError, TypeError, KeyError):
+                raise self._not_an_api("answered, but not with a chat completion "
+                                       f"({' '.join(str(r).split())[:80]!r})") from None
+            replies.append(Reply(text or "", "length" if finish == "length" else "stop"))
+            if progress:
+                progress(1)
+        return replies
+
+
+    def _not_an_api(self, what: str) -> IngestError:
+        return IngestError(
+            f"ingest.endpoint: {self.chat_url} {what}: expected an OpenAI-compatible chat "
+            "completions API there (llama.cpp's server, Ollama, vLLM, mlx_lm.server, a hosted "
+            "API). Set ingest.endpoint to the API's base URL, the part before /chat/completions, "
+            "usually ending in /v1 (mlx_lm.server: http://127.0.0.1:8080/v1, Ollama: "
+            f"http://127.0.0.1:11434/v1), and ingest.endpoint_model (now {self.model!r}) to a "
+            "model it serves; null generates in-process")
+
+
+def make_generator(p: dict, model_dir: str | Path):
+    """The generator that the ``ingest`` params ``p`` ask for."""
+    if p["endpoint"]:
+        return Endpoint(p["endpoint"], p["endpoint_model"], p["api_key_env"], p["timeout"],
+                        p["max_tokens"], p["temperature"], p["seed"])
+    return InProcess(model_dir, p["max_tokens"], p["temperature"], p["seed"],
+                     p["repetition_penalty"])
+
+
+# ------------------------------------------------------------------------------ parsing
+_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•]|Q\d*[.:])\s*(.*)$")
+_MARKUP = re.compile(r"<\|[^|]*\|>|<question>|<answer>")
+
+
+def parse_questions(text: str, n: int) -> tuple[list[str], dict[str, int]]:
+    """The questions among a numbered-list reply's first ``n`` items and the rejections:
+    an item that is no question is ``not_a_question``; a reply with no item ``unparseable``.
+    Unnumbered lines ("Here are three questions:") are preamble, not rejections."""
+    questions, rejected = [], {}
+    items = [m.group(1).strip().strip('*"“” ').strip() for line in text.splitlines()
+             if (m := _ITEM.match(line))]
+    if not items:  # a model that skipped the numbers: each line that asks something
+        items = [line.strip() for line in text.splitlines() if line.strip().endswith("?")]
+    for item in items[:n]:  # the first n items answer the request; more are ignored
+        if _MARKUP.search(item):
+            reason = "markup"
+        elif not item.endswith("?") or len(item.split()) < 3:
+            reason = "not_a_question"
+        else:
+            questions.append(item)
+            continue
+        rejected[reason] = rejected.get(reason, 0) + 1
+    if not questions and not rejected:
+        rejected["unparseable"] = 1
+    return questions, rejected
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased words of 3+ letters that are not stopwords, a plural 's' dropped."""
+    words = re.findall(r"[^\W\d_]{3,}", text.casefold())
+    return {w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words if w not in STOPWORDS}
+
+
+def grounding(answer: str, passage: str) -> float:
+    """The share of the answer's content words that the passage has too."""
+    mine = content_words(answer)
+    return len(mine & content_words(passage)) / len(mine) if mine else 0.0
+
+
+def copied_share(answer: str, passage: str) -> float:
+    """The share of the answer's words that lie in runs of COPY_RUN+ words found verbatim
+    (case and punctuation aside) in the passage."""
+    a, b = normalized(answer).split(), normalized(passage).split()
+    if not a:
+        return 0.0
+    blocks = difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
+    return sum(blk.size for blk in blocks if blk.size >= COPY_RUN) / len(a)
+
+
+# A sentence ends at . ! or ? (closing quotes and brackets allowed) before a space or the end.
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)")
+_FIRST_PERSON = re.compile(r"\b(i|i'm|i've|i'd|i'll|me|my|mine|myself|we|we're|we've|us|our|ours)\b",
+                           re.IGNORECASE)
+
+
+def whole_sentences(text: str) -> str:
+    """``text`` up to the end of its last complete sentence ("" if it has none)."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[:ends[-1].end()].strip() if ends else ""
+
+
+def check_answer(reply: Reply, passage: str, p: dict) -> tuple[str | None, str]:
+    """(the reason this answer is rejected, a key of REASONS, or None to keep it; the answer
+    as kept). An answer cut at max_tokens keeps its whole sentences when ``trim_cut`` is on
+    (small models ramble past the 2-4 sentences asked for) and they pass every other check."""
+    text = reply.text.strip()
+    if reply.finish_reason == "length":
+        text = whole_sentences(text) if p["trim_cut"] else ""
+        if len(text.split()) < p["min_answer_words"]:
+            return "cut", text
+    if _MARKUP.search(text):
+        return "markup", text
+    words = len(text.split())
+    if words < p["min_answer_words"]:
+        return "too_short", text
+    if words > p["max_answer_words"]:
+        return "too_long", text
+    if copied_share(text, passage) > p["max_copied"]:
+        return "copied", text
+    if grounding(text, passage) < p["min_grounding"]:
+        return "ungrounded", text
+    if not _FIRST_PERSON.search(text):
+        return "not_first_person", text
+    return None, text
+
+
+# ------------------------------------------------------------------------------ the cache
+GENERATION_KEYS = ("questions", "max_tokens", "temperature", "seed", "repetition_penalty")
+
+
+def cache_key(passage, title: str | None, persona: str, generator_identity: str, p: dict) -> str:
+    """Everything the generated text depends on: the passage (its sha256 and what the question
+    prompt shows), the persona, the generator, the prompt version and the generation params."""
+    what = {"passage": passage.sha256, "question_chat": question_chat(title, passage.heading,
+                                                                      passage.text, p["questions"]),
+            "persona": persona, "generator": generator_identity, "prompt_version": PROMPT_VERSION,
+            **{k: p[k] for k in GENERATION_KEYS}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def read_cached(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # absent, or unreadable: generated again
+    return record if isinstance(record, dict) and record.get("prompt_version") == PROMPT_VERSION else None
+
+
+# ------------------------------------------------------------------------------ the run
+def generate(passages: list, titles: dict[str, str | None], persona: str, generator, p: dict,
+             cache_dir: str | Path, progress: Callable[[int], None] | None = None
+             ) -> tuple[list[dict], list[int]]:
+    """The raw replies for every passage, in order: ``{"questions_reply", "answers"}``, from the
+    cache or generated ``p["batch_size"]`` passages at a time, each written to the cache as soon
+    as its batch completes. Returns them and the indices of the passages generated (not cached).
+
+    ``progress(n)`` counts replies, ``1 + p["questions"]`` per passage (its questions, then an
+    answer each), as they are generated: a batch of passages takes minutes on a CPU. Answers
+    not needed (a question that did not parse) are counted when their batch ends."""
+    cache_dir = Path(cache_dir)
+    records: list[dict | None] = [None] * len(passages)
+    todo = []
+    for i, passage in enumerate(passages):
+        key = cache_key(passage, titles.get(passage.post_id), persona, generator.identity, p)
+        records[i] = read_cached(cache_dir / f"{key}.json")
+        if records[i] is None:
+            todo.append((i, key))
+    per_passage = 1 + p["questions"]
+    hits = len(passages) - len(todo)
+    if progress and hits:
+        progress(hits * per_passage)
+    for start in range(0, len(todo), p["batch_size"]):
+        batch = todo[start:start + p["batch_size"]]
+        qreplies = generator.complete([question_chat(titles.get(passages[i].post_id), passages[i].heading,
+                                                     passages[i].text, p["questions"]) for i, _ in batch],
+                                      progress)
+        asked = [(i, q) for (i, _), r in zip(batch, qreplies)
+                 for q in unique(parse_questions(r.text, p["questions"])[0])]
+        areplies = generator.complete([answer_chat(persona, passages[i].text, q) for i, q in asked],
+                                      progress)
+        for (i, key), qr in zip(batch, qreplies):
+            answers = [{"question": q, "text": a.text, "finish_reason": a.finish_reason}
+                       for (j, q), a in zip(asked, areplies) if j == i]
+            records[i] = {"prompt_version": PROMPT_VERSION, "generator": generator.name,
+                          "post_id": passages[i].post_id, "passage_id": passages[i].id,
+                          "questions_reply": {"text": qr.text, "finish_reason": qr.finish_reason},
+                          "answers": answers}
+            write_json_atomic(cache_dir / f"{key}.json", records[i])  # a killed run resumes here
+        if progress:  # the answers that were never asked for
+            progress(len(batch) * p["questions"] - len(asked))
+    return records, [i for i, _ in todo]
+
+
+def unique(questions: Iterable[str]) -> list[str]:
+    """The questions with repeats (``normalized``) dropped, first kept."""
+    seen, out = set(), []
+    for q in questions:
+        if normalized(q) not in seen:
+            seen.add(normalized(q))
+            out.append(q)
+    return out
+
+
+def validate(passages: list, records: list[dict], p: dict) -> tuple[list[dict], dict[str, int], dict]:
+    """Pairs from the raw replies, in passage order, with provenance; the rejections by reason
+    (every reason present, 0 if none); counts of questions asked and parsed and answers made."""
+    rejected = dict.fromkeys(REASONS, 0)
+    seen: set[str] = set()
+    rows = []
+    counts = {"questions_parsed": 0, "answers_generated": 0, "answers_trimmed": 0}
+    for passage, record in zip(passages, records):
+        questions, bad = parse_questions(record["questions_reply"]["text"], p["questions"])
+        for reason, n in bad.items():
+            rejected[reason] += n
+        counts["questions_parsed"] += len(questions)
+        answers = {a["question"]: a for a in record["answers"]}
+        for q in questions:
+            key = normalized(q)
+            if key in seen:  # across the corpus, and within the passage's own list
+                rejected["duplicate"] += 1
+                continue
+            seen.add(key)
+            a = answers.get(q)
+            if a is None:  # a cache record without it: cannot happen unless edited by hand
+                rejected["unparseable"] += 1
+                continue
+            counts["answers_generated"] += 1
+            reason, answer = check_answer(Reply(a["text"], a["finish_reason"]), passage.text, p)
+            if reason:
+                rejected[reason] += 1
+                continue
+            counts["answers_trimmed"] += a["finish_reason"] == "length"
+            rows.append({"conversation": [{"role": "user", "content": q},
+                                          {"role": "assistant", "content": answer}],
+                         "post_id": passage.post_id, "passage_id": passage.id,
+                         "generator": record["generator"], "prompt_version": record["prompt_version"]})
+    return rows, rejected, counts
+
+
+def run(posts: list, passages: list, persona: str, generator, p: dict, cache_dir: str | Path,
+        progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
+    """(pairs, metrics) for the passages of ``posts``."""
+    start = time.perf_counter()
+    titles = {post.id: post.title for post in posts}
+    records, fresh = generate(passages, titles, persona, generator, p, cache_dir, progress)
+    seconds = time.perf_counter() - start
+    rows, rejected, counts = validate(passages, records, p)
+    new = {(passages[i].post_id, passages[i].id) for i in fresh}
+    new_pairs = sum((r["post_id"], r["passage_id"]) in new for r in rows)
+    metrics = {
+        "generator": generator.name, "prompt_version": PROMPT_VERSION,
+        "posts": len(posts), "passages": len(passages),
+        "cache_hits": len(passages) - len(fresh), "passages_generated": len(fresh),
+        "questions_asked": len(passages) * p["questions"], **counts,
+        "pairs": len(rows), "rejected": rejected,
+        "generation_seconds": round(seconds, 1),
+        # this run's own speed: pairs kept from the passages it generated (cache hits aside)
+        "pairs_per_minute": round(new_pairs / seconds * 60, 2) if fresh and seconds > 0 else None,
+    }
+    return rows, metrics
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -1,0 +1,203 @@
+"""The comparison report: base vs LoRA vs fused on the held-out questions.
+
+Everything here is computed from the evaluate stages' predictions, paired per question, with
+seeded bootstrap confidence intervals, so the report says how sure it is.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from voicetune.core.errors import UserError
+from voicetune.evaluate.metrics import compare, score
+from voicetune.evaluate.ratings import markdown as ratings_markdown
+
+PAIRS = (("lora", "base"), ("fused", "base"), ("fused", "lora"), ("dpo", "base"), ("dpo", "lora"))
+
+
+def per_question(runs: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """Per-question word overlap, ROUGE-L and length gap (|answer - reference| characters)."""
+    out = {}
+    for name, rows in runs.items():
+        _, values = score(rows)
+        values["length_gap"] = [abs(len(r["prediction"]) - len(r["reference"])) for r in rows]
+        out[name] = values
+    questions = {name: [r.get("question", r.get("prompt")) for r in rows] for name, rows in runs.items()}
+    first, first_questions = next(iter(questions.items()))
+    for name, qs in questions.items():
+        if len(qs) != len(first_questions):
+            raise UserError(f"{name} has {len(qs)} answers, {first} has {len(first_questions)}: "
+                            "rerun the evaluate stages on the same test split")
+        for i, (q, q0) in enumerate(zip(qs, first_questions)):
+            if q != q0:
+                raise UserError(f"{name}'s answer {i + 1} is to {q!r}, {first}'s to {q0!r}: the "
+                                "runs must answer the same questions in the same order; rerun "
+                                "the evaluate stages on the same test split")
+    return out
+
+
+def comparisons(values: dict[str, dict[str, list[float]]], seed: int) -> dict:
+    result = {}
+    for new, old in PAIRS:
+        if new in values and old in values:
+            result[f"{new}_vs_{old}"] = {
+                metric: compare(values[new][metric], values[old][metric], seed)
+                for metric in ("word_overlap", "rouge_l")
+            }
+            # lower is better for the length gap: the improvement is old gap - new gap,
+            # relative to the old gap (positive: the new answers are closer in length)
+            result[f"{new}_vs_{old}"]["length_gap_reduction"] = compare(
+                values[new]["length_gap"], values[old]["length_gap"], seed, lower_is_better=True)
+    return result
+
+
+def format_comparison(c: dict, pct: bool = True) -> str:
+    rel = f"{100 * c['relative_improvement']:+.1f}% " if pct and c["relative_improvement"] is not None else ""
+    return (f"{rel}({c['mean_difference']:+.4f}, 95% CI {c['ci95_low']:+.4f} … "
+            f"{c['ci95_high']:+.4f}; W/T/L {c['wins']}/{c['ties']}/{c['losses']})")
+
+
+def preference_section(pref: dict, pairs: dict) -> list[str]:
+    """How the preference stage (dpo in the tables) was trained, from metrics/preference.json
+    and metrics/pairs.json: what it learnt from, and how far its validation moved."""
+    if not pref:
+        return []
+    method = pref.get("method", "dpo").upper()
+    made = (f"{pairs.get('self_pairs', 0)} pairs of the author's answer against the LoRA's own, "
+            f"{pairs.get('arena_pairs', 0)} from arena votes"
+            + (f" ({pairs.get('dropped_cut', 0)} dropped as cut at {pairs.get('max_tokens')} "
+               f"tokens, {pairs.get('dropped_identical', 0) + pairs.get('dropped_similar', 0)} "
+               "as near-identical)" if pairs else ""))
+    return ["", f"Preference tuning (`dpo` above; {method}, beta {pref.get('beta')}): {made}; "
+            f"{pref.get('train_pairs')} to train, {pref.get('valid_pairs')} to validate. "
+            f"Validation preference loss {pref.get('base_val_loss', float('nan')):.4f} → "
+            f"{pref.get('best_val_loss', float('nan')):.4f} at iteration {pref.get('best_iteration')}, "
+            f"reward accuracy {pref.get('best_val_reward_accuracy', float('nan')):.2f}, rewards "
+            f"chosen {pref.get('best_val_chosen_reward', float('nan')):+.3f} / rejected "
+            f"{pref.get('best_val_rejected_reward', float('nan')):+.3f} (β × log-probability change "
+            f"from the reference: the author's answers should not fall far); stopped at "
+            f"{pref.get('stopped_at')} ({pref.get('stop_reason')})."]
+
+
+def arena_section(arena: dict | None) -> list[str]:
+    """The arena's ratings (metrics/arena.json) with a link to their plot, or one line saying
+    there are none yet."""
+    lines = ["", "## Arena: blind side-by-side votes", ""]
+    if not arena or not arena.get("votes"):
+        return lines + ["No arena votes yet (`make arena` to judge the models side by side)."]
+    if not arena.get("used"):
+        return lines + [f"No arena votes for the current adapter yet ({arena['votes']} in "
+                        f"data/arena/votes.jsonl, {arena.get('other_weights', 0)} for other "
+                        "adapters; `arena.adapter: all` counts them)."]
+    return lines + ratings_markdown(arena, plot="plots/arena.png")
+
+
+def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
+             runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str],
+             arena: dict | None = None, preference: dict | None = None,
+             pairs: dict | None = None) -> str:
+    share = train.get("trainable_share")
+    lines = ["# Base vs fine-tuned vs fused: held-out evaluation", "",
+             f"{summaries['base']['n']} test questions, "
+             + (f"sampling at temperature {summaries['base']['temperature']} (seed {summaries['base']['seed']})"
+                if summaries["base"]["temperature"] > 0 else "greedy decoding")
+             + (f" with repetition penalty {summaries['base']['repetition_penalty']}"
+                if summaries["base"].get("repetition_penalty") else "")
+             + f", at most {summaries['base']['max_tokens']} new tokens. Confidence intervals: "
+             f"seeded paired bootstrap (seed {seed}, 10,000 resamples) of the per-question difference.", "",
+             "| model | mean overlap | std | range | ROUGE-L | answer chars | reference chars "
+             "| ref. perplexity | hit token limit | overlap vs base |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        o, p, r = s["word_overlap"], s["prediction_chars"], s["reference_chars"]
+        vs = comps.get(f"{name}_vs_base", {}).get("word_overlap")
+        lines.append(
+            f"| {name} | {o['mean']:.4f} | {o['std']:.4f} | {o['min']:.4f}–{o['max']:.4f} "
+            f"| {s['rouge_l']['mean']:.4f} | {p['mean']:.0f} ± {p['std']:.0f} | {r['mean']:.0f} ± {r['std']:.0f} "
+            f"| {s['reference_perplexity']:.2f} | {s['hit_token_limit']}/{s['n']} "
+            f"| {format_comparison(vs) if vs else '—'} |")
+    lines += ["", "## Comparisons", ""]
+    for pair, metrics in comps.items():
+        lines.append(f"- **{pair.replace('_vs_', ' vs ')}**: word overlap {format_comparison(metrics['word_overlap'])}; "
+                     f"ROUGE-L {format_comparison(metrics['rouge_l'])}; length gap to the reference "
+                     f"{-metrics['length_gap_reduction']['mean_difference']:+.1f} chars "
+                     f"(95% CI {-metrics['length_gap_reduction']['ci95_high']:+.1f} … "
+                     f"{-metrics['length_gap_reduction']['ci95_low']:+.1f})")
+    if share is not None:
+        lines += ["", f"Parameter efficiency: {train['trainable_parameters']:,} trainable parameters, "
+                  f"{100 * share:.3f}% of {train['total_parameters']:,}. Best validation loss "
+                  f"{train['best_val_loss']:.4f} at iteration {train['best_iteration']} (base "
+                  f"{train['base_val_loss']:.4f}); training stopped at {train['stopped_at']} "
+                  f"({train['stop_reason']})."]
+    if fuse:
+        lines += ["", f"Fusion check on {fuse['prompts']} prompts: max |logit| difference fused vs "
+                  f"base+adapters {fuse['max_abs_logit_diff_fused_vs_lora']:.2e} (tolerance "
+                  f"{fuse['tolerance']:.0e}), fused vs base {fuse['max_abs_logit_diff_fused_vs_base']:.2e}; "
+                  f"greedy answers identical {fuse['greedy_answers_identical']}/{fuse['prompts']}."]
+    lines += preference_section(preference or {}, pairs or {})
+    lines += arena_section(arena)
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += ["", "## Examples", ""]
+    picks = np.random.default_rng(seed).choice(len(runs["base"]), size=min(examples, len(runs["base"])),
+                                               replace=False)
+    for i in sorted(int(x) for x in picks):
+        lines += [f"### {runs['base'][i].get('question', '')}", "",
+                  f"*Reference:* {runs['base'][i]['reference']}", ""]
+        for name, rows in runs.items():
+            lines += [f"*{name}:* {rows[i]['prediction'].strip()}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _read_tsv(path: Path, column: str) -> tuple[list[float], list[float]]:
+    if not path.exists():
+        return [], []
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [float(r["step"]) for r in rows], [float(r[column]) for r in rows]
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: stable bytes
+    plt.close(fig)
+
+
+def plot_all(values: dict[str, dict[str, list[float]]], runs: dict[str, list[dict]],
+             live_dir: Path, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, label in (("train_loss", "train"), ("val_loss", "validation")):
+        steps, vals = _read_tsv(live_dir / "plots/metrics" / f"{name}.tsv", name)
+        ax.plot(steps, vals, marker="o" if label == "validation" else None, label=label)
+    ax.set(xlabel="iteration", ylabel="loss (assistant tokens)", title="Training and validation loss")
+    ax.legend()
+    files.append(out_dir / "loss.png")
+    _save(fig, files[-1])
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot([values[n]["word_overlap"] for n in values], showmeans=True)
+    ax.set_xticks(range(1, len(values) + 1), list(values))
+    ax.set(ylabel="word overlap with the reference (Jaccard)", title="Per-question word overlap")
+    files.append(out_dir / "overlap.png")
+    _save(fig, files[-1])
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lengths = {"reference": [len(r["reference"]) for r in next(iter(runs.values()))]}
+    lengths.update({n: [len(r["prediction"]) for r in rows] for n, rows in runs.items()})
+    ax.boxplot(list(lengths.values()), showmeans=True)
+    ax.set_xticks(range(1, len(lengths) + 1), list(lengths))
+    ax.set(ylabel="answer length (characters)", title="Answer lengths vs the reference")
+    files.append(out_dir / "lengths.png")
+    _save(fig, files[-1])
+    return files
