@@ -20,7 +20,7 @@ endef
 export SPLIT_ARGS_PY
 ARGV = args=$$($(PY) -c "$$SPLIT_ARGS_PY" $(call q,$(ARGS))) && eval "set -- $$args"
 
-.PHONY: setup repro test clean recipe blas bench train-distributed lock runs chat bench-chat publish gguf arena arena-export
+.PHONY: setup repro test clean recipe blas bench train-distributed lock runs chat bench-chat publish gguf arena arena-export architecture
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
@@ -120,6 +120,11 @@ arena: setup  ## make arena [PORT=7860] [ARGS="--host 0.0.0.0 --temperature 0.7"
 
 arena-export: setup  ## arena votes -> preference pairs (prompt/chosen/rejected/system) in data/arena/pairs.jsonl
 	@$(ARGV) && $(PY) -m voicetune.tools.arena export "$$@"
+
+# docs/architecture.md from the code's imports (the rooms, the picture, the figures); it also
+# refuses an import that breaks the rooms' rule. tests/project/test_architecture.py checks both.
+architecture: setup  ## regenerate docs/architecture.md (the package's rooms and who imports whom)
+	$(PY) -m voicetune.tools.architecture
 
 clean:  ## remove stage outputs (DVC's cache keeps them for `dvc checkout`)
 	rm -rf models data/processed dvclive

@@ -10,9 +10,6 @@ finish_reason) and metrics/eval_<model>.json. Greedy by default; eval.temperatur
 samples with eval.seed, so two runs give the same answers either way.
 """
 import argparse
-import json
-import math
-import sys
 import time
 from pathlib import Path
 
@@ -23,17 +20,14 @@ from voicetune.core.environment import versions
 from voicetune.core.files import write_json_atomic, write_text_atomic
 from voicetune.models.fusion import load_float32
 from voicetune.models.generation import generate_batched, prompt_tokens
+from voicetune.core.jsonl import dumps_jsonl
 from voicetune.evaluate.metrics import score
+from voicetune.evaluate.perplexity import reference_scores
+from voicetune.evaluate.questions import prediction_records, read_test
 from voicetune.core.params import load_params
-from voicetune.train.sft import validation_loss
+from voicetune.models.registry import MODELS
 
-from mlx_lm.tuner.datasets import CacheDataset, ChatDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-
-MODELS = {"base": ("models/base", None), "lora": ("models/base", "models/adapters"),
-          "fused": ("models/fused", None),
-          # preference tuning's adapters sit on the fused SFT model (dpo or orpo alike)
-          "dpo": ("models/fused", "models/preference_adapters")}
 
 
 def main() -> int:
@@ -51,9 +45,9 @@ def main() -> int:
     out = Path(args.out or f"data/eval/{args.model}.jsonl")
     metrics_path = Path(args.metrics or f"metrics/eval_{args.model}.json")
 
-    weights, adapters = MODELS[args.model]
-    model, tokenizer, _ = load_float32(weights, adapters)
-    rows = [json.loads(line) for line in open(args.test, encoding="utf-8")]
+    chosen = MODELS[args.model]
+    model, tokenizer, _ = load_float32(chosen.weights, chosen.adapters)
+    rows = read_test(args.test, missing="run `dvc repro prepare` first")
     if p.get("limit"):
         rows = rows[: p["limit"]]
     prompts = [prompt_tokens(tokenizer, row["messages"]) for row in rows]
@@ -65,17 +59,10 @@ def main() -> int:
                                    progress=bar.update)
     seconds = time.perf_counter() - start
 
-    # perplexity of the reference answers, teacher-forced, assistant tokens only
-    test_set = CacheDataset(ChatDataset([{"messages": r["messages"]} for r in rows], tokenizer,
-                                        mask_prompt=True))
-    loss = validation_loss(model, test_set, batch_size=1, max_seq_length=4096)
-
-    records = [{"prompt": tokenizer.decode(prompt), "question": row["messages"][-2]["content"],
-                "reference": row["messages"][-1]["content"], **answer}
-               for prompt, row, answer in zip(prompts, rows, answers)]
+    records = prediction_records(tokenizer, prompts, rows, answers)
     summary, _ = score(records)
     summary.update({
-        "reference_loss": loss, "reference_perplexity": math.exp(loss),
+        **reference_scores(model, tokenizer, rows),
         "temperature": p["temperature"], "seed": p["seed"] if p["temperature"] > 0 else None,
         "repetition_penalty": p.get("repetition_penalty"),
         "max_tokens": p["max_tokens"], "generated_tokens": sum(a["tokens"] for a in answers),
@@ -83,7 +70,7 @@ def main() -> int:
         "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     })  # no timings here: two runs must give identical metrics (speed: python -m voicetune.tools.bench_generation)
     # both outputs are replaced at the very end: a failure above keeps the last good pair
-    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(out, dumps_jsonl(records))
     write_json_atomic(metrics_path, summary)
     print(f"{args.model}: word overlap {summary['word_overlap']['mean']:.4f} ± "
           f"{summary['word_overlap']['std']:.4f}, ROUGE-L {summary['rouge_l']['mean']:.4f}, "

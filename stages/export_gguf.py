@@ -10,7 +10,6 @@ tokenizer must give the same ids. Then, in models/gguf: ollama create NAME -f Mo
 package for every stage script.)
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from voicetune.core.errors import run_stage
 from voicetune.core import blas  # before mlx: a fast BLAS on Linux
 from voicetune.core.files import atomic_dir, write_json_atomic
 from voicetune.core.params import load_params
+from voicetune.evaluate.questions import read_test
 
 from voicetune.export.gguf import TYPES, GgufExportError, export, verify  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> int:
 
     start = time.perf_counter()
     fused = Path(args.fused)
-    rows = [json.loads(line) for line in open(args.test, encoding="utf-8")][: p["verify_prompts"]]
+    rows = read_test(args.test, missing="run `dvc repro prepare` first")[: p["verify_prompts"]]
     with atomic_dir(args.out) as out:
         print(f"writing a {qtype} GGUF file and an Ollama Modelfile from {args.fused} ...")
         info = export(fused, out, qtype, system)

@@ -6,8 +6,6 @@ The fused model is verified before it is moved into place: same logits as base+a
 within fuse.logit_tolerance, same greedy answers, and different from the base model.
 """
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from voicetune.core.errors import run_stage
@@ -15,6 +13,7 @@ from voicetune.core import blas  # before mlx: a fast BLAS on Linux
 from voicetune.core.files import atomic_dir, write_json_atomic
 from voicetune.models.fusion import FusionError, fuse, verify
 from voicetune.core.params import load_params
+from voicetune.evaluate.questions import read_test
 
 from mlx_lm.utils import load_tokenizer  # noqa: E402
 
@@ -34,7 +33,7 @@ def main() -> int:
     blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
 
     tokenizer = load_tokenizer(Path(args.base))
-    rows = [json.loads(line) for line in open(args.test, encoding="utf-8")][: p["verify_prompts"]]
+    rows = read_test(args.test, missing="run `dvc repro prepare` first")[: p["verify_prompts"]]
     prompts = [prompt_tokens(tokenizer, row["messages"]) for row in rows]
     with atomic_dir(args.out) as out:
         print(f"fusing {args.adapters} into {args.base} ...")

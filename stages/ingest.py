@@ -17,7 +17,8 @@ from voicetune.core.errors import run_stage
 from voicetune.core import blas  # before mlx: a fast BLAS on Linux
 from voicetune.core import kernels
 from voicetune.data import ingest
-from voicetune.core.files import write_json_atomic, write_text_atomic
+from voicetune.core.files import write_json_atomic
+from voicetune.core.jsonl import write_jsonl
 from voicetune.core.params import load_params
 from voicetune.data.posts import read_posts, split_passages
 
@@ -43,24 +44,20 @@ def main() -> int:
     limited = p["limit"] is not None and p["limit"] < len(passages)
     print(f"ingest: {len(posts)} posts, {len(passages)} passages from {p['source']}"
           + (f"; the first {p['limit']} ingested (ingest.limit)" if limited else ""))
-    passages = passages[:p["limit"]]
-    posts = [post for post in posts if post.id in {x.post_id for x in passages}]
+    posts, passages = ingest.limited(posts, passages, p["limit"])
 
     if not p["endpoint"]:
         blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
         kernels.enable(params["kernels"]["fast_cpu"])
-    elif ingest.has_credentials(p["endpoint"]):
-        # written nowhere by this stage; but DVC records the ingest params in dvc.lock
-        print(f"WARNING: ingest.endpoint holds credentials ({ingest.safe_url(p['endpoint'])}): "
-              "params.yaml and dvc.lock, which git tracks, keep them as written; put the key in "
-              "an environment variable and name it in ingest.api_key_env", file=sys.stderr)
+    elif warning := ingest.credentials_warning(p["endpoint"]):
+        print(f"WARNING: {warning}", file=sys.stderr)
     generator = ingest.make_generator(p, args.model)
     # replies: each passage's questions, then an answer per question
     with tqdm(total=len(passages) * (1 + p["questions"]), desc="ingest", unit="reply") as bar:
         rows, metrics = ingest.run(posts, passages, params["data"]["system_prompt"], generator, p,
                                    args.cache, progress=bar.update)
     metrics = {"source": p["source"], **in_source, "problems": [str(x) for x in problems], **metrics}
-    write_text_atomic(args.out, ingest.jsonl(rows))
+    write_jsonl(args.out, rows)
     write_json_atomic(args.metrics, metrics)
 
     rejected = ", ".join(f"{k} {v}" for k, v in metrics["rejected"].items() if v) or "none"

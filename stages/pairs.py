@@ -18,9 +18,8 @@ from voicetune.core import blas  # before mlx: a fast BLAS on Linux
 from voicetune.core import kernels
 from voicetune.data import pairs
 from voicetune.core.files import atomic_dir, write_json_atomic
-from voicetune.models.fusion import load_float32
+from voicetune.core.jsonl import write_jsonl
 from voicetune.core.params import load_params
-from voicetune.data.votes import weights_identity
 
 from tqdm import tqdm  # noqa: E402
 
@@ -46,20 +45,10 @@ def main() -> int:
     votes, identity = [], {}
     if "arena" in p["sources"]:
         votes = pairs.read_votes_used(args.votes)
-        # dvc.lock is no dep: models/base and models/adapters are, and their entries change
-        # exactly with them (fused and preference adapters are no deps: never counted here)
-        identity = {w: md5 for w, md5 in weights_identity(".").items() if w in ("base", "adapters")}
-        if identity.get("adapters") is None and votes:
-            print("WARNING: dvc.lock records no trained models/adapters: no arena vote can be "
-                  "matched to the current adapter, none is used", file=sys.stderr)
-
-    def load_model():
-        for path in (args.model, args.adapters):
-            if not Path(path).is_dir():
-                raise pairs.PairsError(f"{path}: not found; run the pipeline up to the train "
-                                       "stage first (dvc repro train)")
-        model, tokenizer, _ = load_float32(args.model, args.adapters)
-        return model, tokenizer
+        identity, warning = pairs.current_weights(votes, ".")
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr)
+    load_model = pairs.model_loader(args.model, args.adapters)
 
     questions = len(pairs.sample(len(rows), p["pairs"], p["seed"])) if "self" in p["sources"] else 0
     with tqdm(total=questions, desc="generate (rejected)", unit="answer", disable=not questions) as bar:
@@ -68,8 +57,8 @@ def main() -> int:
     metrics["fast_cpu_kernels"] = fast_cpu
     # both outputs are replaced at the very end: a failure above keeps the last good pair
     with atomic_dir(args.out) as tmp:
-        (tmp / "train.jsonl").write_text(pairs.jsonl(train), encoding="utf-8")
-        (tmp / "valid.jsonl").write_text(pairs.jsonl(valid), encoding="utf-8")
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "valid.jsonl", valid)
     write_json_atomic(args.metrics, metrics)
     print(f"pairs: {pairs.summary(metrics)}")
     return 0

@@ -14,7 +14,8 @@ import sys
 from voicetune.core.errors import run_stage
 from voicetune.core.files import write_json_atomic
 from voicetune.core.params import load_params
-from voicetune.data.votes import VOTES, read_votes
+from voicetune.data.vote_pairs import votes_used
+from voicetune.data.votes import VOTES
 
 OUT = "data/pairs_votes.json"  # voicetune.data.pairs.read_votes_used reads it
 
@@ -26,16 +27,13 @@ def main() -> int:
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     sources = load_params(args.params)["preference"]["sources"]  # validates all of params.yaml
-    if "arena" in sources:
-        votes, warnings = read_votes(args.votes)
-        for warning in warnings:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        used = {"votes_file": args.votes, "votes": votes}
-        print(f"pairs_votes: {len(votes)} vote{'s' * (len(votes) != 1)} of {args.votes} for the "
-              "pairs stage")
+    used, warnings = votes_used(sources, args.votes)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if used["votes_file"] is not None:
+        n = len(used["votes"])
+        print(f"pairs_votes: {n} vote{'s' * (n != 1)} of {args.votes} for the pairs stage")
     else:
-        # the same bytes whatever the votes file holds: the pairs stage does not rerun
-        used = {"votes_file": None, "votes": []}
         print(f"pairs_votes: none; preference.sources is [{', '.join(sources)}], without arena")
     write_json_atomic(args.out, used)
     return 0

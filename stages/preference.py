@@ -14,7 +14,6 @@ last good run wrote them.
 """
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,17 +21,15 @@ from voicetune.core.errors import run_stage
 from voicetune.core import blas  # before mlx: a fast BLAS on Linux
 from voicetune.core import kernels
 from voicetune.core.code_hash import code_fingerprint
-from voicetune.core.environment import versions
-from voicetune.core.files import atomic_dir, write_json_atomic
 from voicetune.models.fusion import load_float32
 from voicetune.models.lora import apply_lora, parameter_counts
 from voicetune.core.params import early_stopping_problem, load_params
-from voicetune.train.preference import (PreferenceConfig, PreferenceError, check_counts, read_pairs,
-                                  run_fingerprint, tokenize_pairs, train_preference)
-from voicetune.train.sft import Checkpoint
+from voicetune.train.checkpoint import Checkpoint
+from voicetune.train.outputs import StagedOutputs
+from voicetune.train.pairs import check_counts, read_pairs, tokenize_pairs
+from voicetune.train.preference import PreferenceConfig, run_fingerprint, train_preference
 
 import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
-from dvclive import Live  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 # recorded in metrics and the checkpoint's history, but constant: not plotted
@@ -65,7 +62,7 @@ def main() -> int:
     mx.random.seed(cfg.seed)  # the new LoRA's initial A matrices and the dropout draw from this
     lora = p["lora"]
     adapter_config = apply_lora(model, lora["rank"], lora["scale"], lora["dropout"], lora["keys"],
-                                lora.get("num_layers", -1))
+                                lora["num_layers"])
     trainable, total = parameter_counts(model)
     pairs = {name: tokenize_pairs(r, tokenizer, cfg.max_seq_length, str(data / f"{name}.jsonl"))
              for name, r in rows.items()}
@@ -78,38 +75,15 @@ def main() -> int:
     # resumed run continues the same computation
     checkpoint = Checkpoint(args.checkpoint, run_fingerprint(p, args.model, args.data, fast_cpu=fast_cpu,
                                                              code=code_fingerprint(__file__)))
-    staged_live = checkpoint.folder / "dvclive"  # becomes args.live_dir on success only
-    live = None
-
-    def log(record: dict) -> None:
-        nonlocal live
-        if live is None:  # at the first record: after the checkpoint was loaded or discarded
-            shutil.rmtree(staged_live, ignore_errors=True)
-            live = Live(str(staged_live), resume=False, save_dvc_exp=False, dvcyaml=False)
-        live.step = record["step"]
-        for name, value in record.items():
-            if name not in NOT_PLOTTED and math.isfinite(value):
-                live.log_metric(name, value)
+    outputs = StagedOutputs(checkpoint, args.out, args.metrics, args.live_dir, NOT_PLOTTED)
 
     batches = sum(math.ceil(len(pairs[name]) / cfg.batch_size) for name in ("train", "valid"))
     with tqdm(total=batches if cfg.method == "dpo" else 0, desc="reference log-probs", unit="batch",
               disable=cfg.method != "dpo", dynamic_ncols=True) as reference_bar, \
-            tqdm(total=cfg.iters, desc="preference", unit="it", dynamic_ncols=True) as bar:
-        try:
-            result = train_preference(model, pairs["train"], pairs["valid"], cfg, checkpoint,
-                                      log=log, progress_bar=bar, reference_progress=reference_bar.update)
-        except PreferenceError as err:
-            kept = (f"the best adapter so far is {checkpoint.best_file}" if checkpoint.best_file.exists()
-                    else "no adapter was saved")
-            logs = f"; this run's logs are in {staged_live}" if live is not None else ""
-            raise PreferenceError(f"{err}\nNothing was written: {args.out}, {args.metrics} and "
-                                  f"{args.live_dir} are as the last successful run left them; "
-                                  f"{kept}{logs}") from None
-    live.end()
-
-    with atomic_dir(args.out) as out:
-        shutil.copyfile(checkpoint.best_file, out / "adapters.safetensors")
-        write_json_atomic(out / "adapter_config.json", {**adapter_config, "model": args.model})
+            tqdm(total=cfg.iters, desc="preference", unit="it", dynamic_ncols=True) as bar, \
+            outputs.on_failure_nothing_written():
+        result = train_preference(model, pairs["train"], pairs["valid"], cfg, checkpoint, log=outputs.log,
+                                  progress_bar=bar, reference_progress=reference_bar.update)
 
     base, best = result.base, result.best
     summary = {
@@ -125,11 +99,7 @@ def main() -> int:
         "best_val_chosen_reward": best["val_chosen_reward"],
         "best_val_rejected_reward": best["val_rejected_reward"],
         "best_iteration": result.best_iteration,
-        "stopped_at": result.stopped_at,
-        "stop_reason": result.stop_reason,
-        "resumed_from": result.resumed_from,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        **result.ending(trainable, total),
         "train_seconds": round(result.train_seconds, 1),
         "seconds_per_iteration": result.train_seconds / max(1, result.stopped_at),
         "reference_seconds": round(result.reference_seconds, 1),
@@ -137,13 +107,8 @@ def main() -> int:
         "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_memory_gb": round(result.peak_memory_gb, 3),
         "val_tokens": best["val_tokens"],
-        "fast_cpu_kernels": fast_cpu,
-        "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     }
-    write_json_atomic(args.metrics, summary)
-    with atomic_dir(args.live_dir) as out:
-        shutil.copytree(staged_live, out, dirs_exist_ok=True)
-    checkpoint.remove()  # finished: nothing stale is left to resume
+    outputs.commit(adapter_config, args.model, summary, fast_cpu)
     print(f"{cfg.method} best val loss {best['val_loss']:.4f} (reward accuracy "
           f"{best['val_reward_accuracy']:.2f}, margin {best['val_reward_margin']:+.4f}) at iteration "
           f"{result.best_iteration}; step 0 {base['val_loss']:.4f}. Stopped at {result.stopped_at}: "

@@ -13,6 +13,7 @@ from voicetune.evaluate import report
 from voicetune.core.files import atomic_files, write_json_atomic, write_text_atomic
 from voicetune.evaluate.metrics import read_predictions
 from voicetune.core.params import load_params
+from voicetune.models.registry import NAMES
 
 
 def read_json(path: Path) -> dict:
@@ -22,7 +23,7 @@ def read_json(path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--models", nargs="+", default=["base", "lora", "fused", "dpo"])
+    ap.add_argument("--models", nargs="+", default=list(NAMES), choices=NAMES)
     args = ap.parse_args()
     p = load_params(args.params)["eval"]
 

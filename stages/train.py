@@ -11,11 +11,10 @@ as the last good run wrote them. Until then the best adapter and the DVCLive log
 the checkpoint folder.
 
 Several machines (or processes): `make train-distributed HOSTS=hosts.json` runs this script
-under `mlx.launch` (see voicetune/train/distributed.py); rank 0 writes every output.
+under `mlx.launch` (see voicetune/tools/distributed.py); rank 0 writes every output.
 """
 import argparse
 import math
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -25,14 +24,13 @@ from voicetune.core import blas
 from voicetune.models import memory
 from voicetune.core import kernels
 from voicetune.core.code_hash import code_fingerprint
-from voicetune.core.environment import versions
-from voicetune.core.files import atomic_dir, write_json_atomic
 from voicetune.models.lora import apply_lora, parameter_counts
 from voicetune.core.params import early_stopping_problem, load_params
-from voicetune.train.sft import Checkpoint, TrainConfig, TrainingError, run_fingerprint, train
+from voicetune.train.checkpoint import Checkpoint
+from voicetune.train.outputs import StagedOutputs
+from voicetune.train.sft import TrainConfig, run_fingerprint, train
 
 import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
-from dvclive import Live  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -67,14 +65,14 @@ def main() -> int:
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)  # MLX's CPU backend is ~14x slower in bfloat16
     adapter_config = apply_lora(model, lora_p["rank"], lora_p["scale"], lora_p["dropout"],
-                                lora_p["keys"], lora_p.get("num_layers", -1))
+                                lora_p["keys"], lora_p["num_layers"])
     trainable, total = parameter_counts(model)
     if lead:
         print(f"LoRA rank {lora_p['rank']} on {', '.join(lora_p['keys'])} in the last "
               f"{adapter_config['num_layers']} layers: {trainable:,} trainable parameters "
               f"({100 * trainable / total:.3f}% of {total:,})")
 
-    data_cfg = types.SimpleNamespace(mask_prompt=train_p.get("mask_prompt", True))
+    data_cfg = types.SimpleNamespace(mask_prompt=train_p["mask_prompt"])
     train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, data_cfg)
     train_set, valid_set = CacheDataset(train_set), CacheDataset(valid_set)
     # before any step: expected count (checked against the real one) and memory; the longest
@@ -89,67 +87,34 @@ def main() -> int:
     fingerprint = run_fingerprint(lora_p, train_p, args.model, args.data, fast_cpu=fast_cpu,
                                   code=code_fingerprint(__file__))
     checkpoint = Checkpoint(args.checkpoint, fingerprint)
-    staged_live = checkpoint.folder / "dvclive"  # becomes args.live_dir on success only
-    live = None
+    outputs = StagedOutputs(checkpoint, args.out, args.metrics, args.live_dir, NOT_PLOTTED)
 
-    def log(record: dict) -> None:
-        nonlocal live
-        if live is None:  # at the first record: after the checkpoint was loaded or discarded
-            shutil.rmtree(staged_live, ignore_errors=True)
-            live = Live(str(staged_live), resume=False, save_dvc_exp=False, dvcyaml=False)
-        live.step = record["step"]
-        for name, value in record.items():
-            if name not in NOT_PLOTTED and math.isfinite(value):
-                live.log_metric(name, value)
-
-    with tqdm(total=cfg.iters, desc="train", unit="it", dynamic_ncols=True, disable=not lead) as bar:
-        try:
-            result = train(model, train_set, valid_set, cfg, checkpoint, log=log if lead else lambda record: None,
-                           progress_bar=bar, group=group)
-        except TrainingError as err:
-            if not lead:
-                print(f"train (rank {group.rank()}): {err}", file=sys.stderr)
-                return 1
-            kept = (f"the best adapter so far is {checkpoint.best_file}" if checkpoint.best_file.exists()
-                    else "no adapter was saved")
-            raise TrainingError(f"{err}\nNothing was written: {args.out}, {args.metrics} and "
-                                f"{args.live_dir} are as the last successful run left them; {kept}; "
-                                f"this run's logs are in {staged_live}") from None
+    with tqdm(total=cfg.iters, desc="train", unit="it", dynamic_ncols=True, disable=not lead) as bar, \
+            outputs.on_failure_nothing_written(group.rank()):
+        result = train(model, train_set, valid_set, cfg, checkpoint, log=outputs.log if lead else lambda record: None,
+                       progress_bar=bar, group=group)
     if not lead:
         return 0
-    live.end()
 
-    with atomic_dir(args.out) as out:
-        shutil.copyfile(checkpoint.best_file, out / "adapters.safetensors")
-        write_json_atomic(out / "adapter_config.json", {**adapter_config, "model": args.model})
-
+    best_val_loss, base_val_loss = result.best["val_loss"], result.base["val_loss"]
     summary = {
-        "best_val_loss": result.best_val_loss,
-        "best_val_perplexity": math.exp(result.best_val_loss),
+        "best_val_loss": best_val_loss,
+        "best_val_perplexity": math.exp(best_val_loss),
         "best_iteration": result.best_iteration,
-        "base_val_loss": result.base_val_loss,
-        "base_val_perplexity": math.exp(result.base_val_loss),
-        "stopped_at": result.stopped_at,
-        "stop_reason": result.stop_reason,
-        "resumed_from": result.resumed_from,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        "base_val_loss": base_val_loss,
+        "base_val_perplexity": math.exp(base_val_loss),
+        **result.ending(trainable, total),
         "trainable_share": trainable / total,
         "train_seconds": round(result.train_seconds, 1),
         "seconds_per_iteration": result.train_seconds / max(1, result.stopped_at),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_memory_gb": round(result.peak_memory_gb, 3),
-        "val_samples": result.val_samples,
-        "val_tokens": result.val_tokens,
-        "fast_cpu_kernels": fast_cpu,
-        "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
+        "val_samples": result.last["val_samples"],
+        "val_tokens": result.last["val_tokens"],
     }
-    write_json_atomic(args.metrics, summary)
-    with atomic_dir(args.live_dir) as out:
-        shutil.copytree(staged_live, out, dirs_exist_ok=True)
-    checkpoint.remove()  # finished: nothing stale is left to resume
-    print(f"best val loss {result.best_val_loss:.4f} (ppl {summary['best_val_perplexity']:.2f}) at "
-          f"iteration {result.best_iteration}; base model {result.base_val_loss:.4f} "
+    outputs.commit(adapter_config, args.model, summary, fast_cpu)
+    print(f"best val loss {best_val_loss:.4f} (ppl {summary['best_val_perplexity']:.2f}) at "
+          f"iteration {result.best_iteration}; base model {base_val_loss:.4f} "
           f"(ppl {summary['base_val_perplexity']:.2f}). Stopped at {result.stopped_at}: "
           f"{result.stop_reason}. {summary['seconds_per_iteration']:.2f} s/it, "
           f"{summary['tokens_per_second']:.0f} tokens/s, peak memory {summary['peak_memory_gb']:.2f} GB")

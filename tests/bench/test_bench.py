@@ -15,10 +15,12 @@ from mlx_lm.models import llama
 from mlx_lm.utils import _get_classes
 
 import voicetune
-from voicetune.bench import training as bench
-from voicetune.bench.training import (CeilingError, best_probe, efficiency, kernels, mlx_train_worker,
-                             portable_result, shown_path, summarize_generate, summarize_train,
-                             time_kernels, training_flops_per_token, worker_command)
+from voicetune.bench import training as bench, workers
+from voicetune.bench.ceiling import CeilingError, best_probe, efficiency, training_flops_per_token
+from voicetune.bench.kernel_timing import kernels, profile_table, time_kernels
+from voicetune.bench.summary import portable_result, print_report, summarize_generate, summarize_train, targets
+from voicetune.bench.training import shown_path, worker_command
+from voicetune.bench.workers import FRAMEWORKS, mlx_train_worker
 from voicetune.models.memory import linear_shapes
 
 from tests.conftest import ROOT
@@ -77,7 +79,7 @@ def stub_fastpath(monkeypatch):
     stub.dropout_mask = lambda shape, p, key=None: mx.random.bernoulli(p, shape, key=key)
     monkeypatch.setitem(sys.modules, "voicetune.core.kernels", stub)
     monkeypatch.setattr(voicetune.core, "kernels", stub, raising=False)
-    monkeypatch.setattr(bench, "mlx_matmul_probe", lambda: 123.0)  # no 2048^2 products in tests
+    monkeypatch.setattr(workers, "mlx_matmul_probe", lambda: 123.0)  # no 2048^2 products in tests
     return stub
 
 
@@ -97,7 +99,7 @@ def test_mlx_worker_trains_with_the_fast_path_flag(tiny_model_dir, stub_fastpath
 
 
 def test_each_worker_process_gets_its_fast_path_flag(monkeypatch, capsys):
-    stock, fast, torch = (worker_command(fw, "train", "m", ["--keys", "k"]) for fw in bench.FRAMEWORKS)
+    stock, fast, torch = (worker_command(fw, "train", "m", ["--keys", "k"]) for fw in FRAMEWORKS)
     assert stock[stock.index("--fastpath") + 1] == "off"
     assert fast[fast.index("--fastpath") + 1] == "on"
     assert "voicetune.bench.torch_peft" in torch and "--fastpath" not in torch
@@ -168,7 +170,7 @@ def test_a_rate_above_the_ceiling_shows_no_efficiency_but_a_note(capsys):
     assert out["torch"]["efficiency"] is None and out["mlx_fast"]["efficiency"] == pytest.approx(0.65)
     assert len(notes) == 1 and "m plain torch" in notes[0] and "under-read" in notes[0]
     report = make_report(train={"plain": out}, notes=notes)
-    bench.print_report(report)
+    print_report(report)
     printed = capsys.readouterr().out
     assert "refused" in printed and "115.0%" not in printed and "NOTE: " + notes[0] in printed
 
@@ -194,7 +196,7 @@ def make_report(train=None, generate=None, notes=()):
               "ceiling": {"matmul_gflops": 100.0, "best_probe": "start",
                           "probes": [{"where": "start", "gflops": 100.0}]},
               "models": {"smollm2-135m": entry}, "notes": list(notes)}
-    report["targets"] = bench.targets(report)
+    report["targets"] = targets(report)
     return report
 
 
@@ -208,7 +210,7 @@ def test_report_tables_and_targets(capsys):
     assert met == {"training tokens/s, MLX fast >= PyTorch+PEFT": ("plain", False),
                    "share of the ceiling, MLX fast >= PyTorch+PEFT": ("plain", False),
                    "generation tokens/s at batch 16, MLX fast >= PyTorch": ("batch_16", True)}
-    bench.print_report(report)
+    print_report(report)
     printed = capsys.readouterr().out
     for column in ("stock", "fast", "torch", "fast/torch", "eff stock", "eff fast", "eff torch"):
         assert column in printed
@@ -242,7 +244,7 @@ def test_profile_table_accounts_for_the_measured_step():
                         "builtin_s": 0.04, "fast_s": 0.03},
                        {"op": "RMSNorm", "count": 61, "timed": "forward_backward",
                         "builtin_s": 0.001, "fast_s": None}]}
-    rows = {r["op"]: r for r in bench.profile_table(profile, FLOPS, 1024.0)["rows"]}
+    rows = {r["op"]: r for r in profile_table(profile, FLOPS, 1024.0)["rows"]}
     assert rows["matmuls at the ceiling's rate"]["stock_s"] == pytest.approx(1.0)  # 1024 tokens
     assert rows["SwiGLU (MLP)"]["fast_s"] == pytest.approx(0.3) and rows["SwiGLU (MLP)"]["swapped_in"]
     # attention has a fast kernel, but enable() does not swap it in: the step uses MLX's

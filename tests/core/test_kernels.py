@@ -264,7 +264,8 @@ def _train_losses(model_dir, steps: int = 20) -> list[float]:
     from mlx_lm import load
 
     from voicetune.models.lora import apply_lora
-    from voicetune.train.sft import Batch, make_step, target_index
+    from voicetune.train.batching import Batch, target_index
+    from voicetune.train.sft import make_step
 
     mx.random.seed(0)
     model, _ = load(str(model_dir))

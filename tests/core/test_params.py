@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from voicetune.core.params import ParamsError, key_paths, load_params, validate
-from voicetune.project.recipe import RecipeError, apply, main as recipe_main
+from voicetune.project.recipe import RecipeError, apply
+from voicetune.tools.recipe import main as recipe_main
 
 from tests.conftest import ROOT, flatten as _flat
 
@@ -73,17 +74,21 @@ def test_optional_keys_may_be_left_out_and_get_their_defaults(tmp_path):
     assert loaded["train"]["early_stopping"] == {"patience": 5, "min_delta": 0.001}
 
 
-def test_train_defaults_agree_with_trainconfig():
-    """Defaults live in two places (the schema fills them in; TrainConfig has its own for
-    callers that pass a partial dict): they must agree."""
+def test_train_defaults_come_from_the_schema_alone():
+    """Defaults live in one place, the schema: the training configs have none of their own
+    and read a section the schema filled in."""
     import dataclasses
 
+    from voicetune.train.preference import PreferenceConfig
     from voicetune.train.sft import TrainConfig
 
     minimal = {"iters": 1, "batch_size": 1, "learning_rate": 0.1}
-    filled = validate({**COMMITTED, "train": minimal})["train"]
-    from_schema, from_code = TrainConfig.from_params(filled), TrainConfig.from_params(minimal)
-    assert dataclasses.asdict(from_schema) == dataclasses.asdict(from_code)
+    filled = validate({**COMMITTED, "train": minimal})
+    for config in (TrainConfig, PreferenceConfig):
+        assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(config))
+    cfg = TrainConfig.from_params(filled["train"])
+    assert (cfg.steps_per_eval, cfg.patience, cfg.min_delta) == (50, 5, 0.001)
+    assert PreferenceConfig.from_params(filled["preference"]).max_seq_length == filled["preference"]["max_seq_length"]
 
 
 def test_dvc_yaml_names_only_keys_of_the_schema():

@@ -18,10 +18,12 @@ import yaml
 
 from voicetune.data import ingest
 from voicetune.data.ingest import IngestError, Reply, check_answer, parse_questions
+from voicetune.core.jsonl import dumps_jsonl
 from voicetune.core.params import load_params
 from voicetune.data.posts import read_posts, split_passages
 
 from tests.conftest import ROOT
+from tests.harness.fakes import Fake, FakeOpenAI
 
 P = load_params(ROOT / "params.yaml")["ingest"]
 PERSONA = "You are Sam, who keeps bees."
@@ -85,38 +87,6 @@ def test_grounding_and_copying_measures():
 
 
 # ------------------------------------------------------------------------------ a fake generator
-class Fake:
-    """Questions named after the passage's first words; grounded answers; optionally fails
-    after ``fail_after`` calls (a killed run)."""
-
-    name = identity = "fake generator"
-
-    def __init__(self, fail_after: int | None = None, shared_question: str | None = None):
-        self.calls, self.chats, self.fail_after = 0, [], fail_after
-        self.shared_question = shared_question
-
-    def complete(self, chats, progress=None):
-        if self.fail_after is not None and self.calls >= self.fail_after:
-            raise KeyboardInterrupt("killed")
-        self.calls += 1
-        self.chats += chats
-        out = []
-        for chat in chats:
-            if chat[0]["role"] == "user":  # the question prompt
-                words = chat[0]["content"].split(":\n\n", 1)[1].split()[:3]
-                shared = [f"3. {self.shared_question}"] if self.shared_question else []
-                out.append(Reply("\n".join([f"1. What do you mean by {' '.join(words)}?",
-                                            f"2. Why did you write about {words[0]} that way?", *shared]),
-                                 "stop"))
-            else:
-                passage = chat[0]["content"].split(":\n\n", 1)[1].split()
-                out.append(Reply("I wrote that " + " and ".join(passage[1:40:4]) + ", as I remember it.",
-                                 "stop"))
-            if progress:
-                progress(1)
-        return out
-
-
 def write_posts(folder: Path, texts: dict[str, str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
@@ -171,7 +141,7 @@ def test_pairs_carry_provenance_in_the_format_prepare_reads(tmp_path):
         assert row["generator"] == "fake generator" and row["prompt_version"] == ingest.PROMPT_VERSION
         assert row["passage_id"].startswith(row["post_id"] + "#p")
     path = tmp_path / "pairs.jsonl"
-    path.write_text(ingest.jsonl(rows))
+    path.write_text(dumps_jsonl(rows))
     exchanges = load_exchanges([path])
     assert len(exchanges) == 10 and {ex.post for ex in exchanges} == {"a.md", "b.md", "c.md"}
 
@@ -229,31 +199,6 @@ def test_the_cache_key_covers_generator_persona_prompt_and_generation_params(tmp
 
 
 # ------------------------------------------------------------------------------ endpoints
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """/v1/chat/completions answering like Fake, recording the Authorization headers."""
-
-    seen_auth: list = []
-    seen_paths: list = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeOpenAI.seen_auth.append(self.headers.get("Authorization"))
-        FakeOpenAI.seen_paths.append(self.path)
-        reply = Fake().complete([body["messages"]])[0]
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": reply.finish_reason,
-                                        "message": {"role": "assistant", "content": reply.text}}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data.encode())
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def fake_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
@@ -512,13 +457,13 @@ def test_split_by_post_keeps_each_post_in_one_split(tmp_path):
                               {"role": "assistant", "content": f"Answer {i}."}],
              "post_id": f"post-{i % 7}.md", "passage_id": f"post-{i % 7}.md#p{i}"} for i in range(70)]
     path = tmp_path / "pairs.jsonl"
-    path.write_text(ingest.jsonl(rows))
+    path.write_text(dumps_jsonl(rows))
     splits = split(load_exchanges([path]), seed=42, valid_ratio=0.1, test_ratio=0.2, by="post")
     posts = {name: {ex.post for ex in part} for name, part in splits.items()}
     assert not (posts["train"] & posts["valid"] or posts["train"] & posts["test"]
                 or posts["valid"] & posts["test"])
     assert sum(map(len, splits.values())) == 70 and len(splits["test"]) >= 14 and splits["valid"]
 
-    path.write_text(ingest.jsonl(rows[:3]) + json.dumps({"question": "Why?", "answer": "Because."}) + "\n")
+    path.write_text(dumps_jsonl(rows[:3]) + json.dumps({"question": "Why?", "answer": "Because."}) + "\n")
     with pytest.raises(DataError, match=r"split_by is post.*\n.*pairs.jsonl:4: no post_id"):
         split(load_exchanges([path]), seed=42, valid_ratio=0.1, test_ratio=0.1, by="post")

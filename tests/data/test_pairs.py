@@ -16,7 +16,7 @@ from voicetune.data.pairs import (PairsError, arena_pairs, build, drop_alike, he
                              sample, similarity, split)
 
 from tests.conftest import PERSONA, ROOT, run_stage, write_jsonl
-from tests.models.test_generation_and_fusion import write_adapters
+from tests.harness.models import write_adapters
 
 ADAPTER = "c89e633d788bf424b1c6eda3e1739be4.dir"
 P_PREF = yaml.safe_load((ROOT / "params.yaml").read_text())["preference"]
@@ -128,6 +128,18 @@ def test_arena_votes_count_only_when_every_weight_behind_them_is_the_current_one
              battle("dpo", fused="f.dir", preference_adapters="p.dir")]
     pairs, counts = arena_pairs(votes, current, set())
     assert len(pairs) == 1 and counts["arena_other_weights"] == 3
+
+
+def test_every_bad_row_of_a_split_is_named_at_once(tmp_path):
+    turn = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Aye."}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps({"messages": turn}), '{"messages": [', json.dumps({"text": "x"}),
+                               json.dumps({"messages": [*turn, *turn]}), json.dumps({"messages": turn})]) + "\n")
+    with pytest.raises(PairsError) as err:
+        read_exchanges(path)
+    assert [line.strip().split(": ", 1)[0] for line in str(err.value).splitlines()[1:]] == \
+        [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert 'not a {"messages": [...]} row of the prepare stage' in str(err.value)
 
 
 def test_a_row_with_earlier_turns_is_refused_with_its_line(tmp_path):
@@ -344,7 +356,7 @@ def test_the_votes_reach_pairs_only_when_arena_is_a_source(tmp_path):
 def test_pairs_depends_on_the_votes_it_reads_not_on_the_votes_file():
     """As DVC resolves dvc.yaml: the votes file is a dependency of pairs_votes, which writes
     what pairs reads; the pairs stage itself does not rerun on a vote it does not use."""
-    from tests.test_dvc_graph import stages
+    from tests.harness.dvc_graph import stages
 
     graph = stages()
     votes, used = ROOT / "data/arena/votes.jsonl", ROOT / "data/pairs_votes.json"

@@ -9,7 +9,7 @@ import yaml
 from voicetune.models.base_model import override_chat_template
 
 from tests.conftest import ROOT, qa, run_stage, write_jsonl
-from tests.models.test_chat_template import DROPS_SYSTEM
+from tests.harness.models import DROPS_SYSTEM
 
 PERSONA = "You are Captain Tilly Brask."
 
@@ -96,7 +96,7 @@ def test_hub_dataset_is_recorded_at_its_commit_sha(tmp_path, base_model_dir, mon
     import importlib.util
     import sys
 
-    from tests.data.test_qa import SHA, RecordingHub
+    from tests.harness.fakes import SHA, RecordingHub
 
     RecordingHub(monkeypatch)
     spec = importlib.util.spec_from_file_location("prepare_stage", ROOT / "stages/prepare.py")

@@ -1,6 +1,5 @@
 """Reading, validating and splitting Q&A data: every bad input gets a precise error."""
 import json
-from pathlib import Path
 
 import pytest
 
@@ -8,6 +7,7 @@ from voicetune.data.qa import (DataError, check_split_sizes, drop_duplicate_ques
                                load_exchanges, split)
 
 from tests.conftest import ROOT, qa, shared_file, write_jsonl
+from tests.harness.fakes import SHA, RecordingHub
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 
@@ -139,33 +139,6 @@ def test_seed_blog_dataset_splits_like_the_seed():
     kept, _, _ = drop_duplicate_questions(exchanges)
     parts = split(kept, seed=42, valid_ratio=0.1, test_ratio=0.1)
     assert {k: len(v) for k, v in parts.items()} == {"train": 1705, "valid": 212, "test": 212}
-
-
-SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-class RecordingHub:
-    """A stand-in for the hub client: records every call and answers as the hub would,
-    writing one data file on download; nothing goes over the network."""
-
-    def __init__(self, monkeypatch):
-        import huggingface_hub
-
-        self.calls = []
-        hub = self
-
-        class Api:
-            def dataset_info(self, repo_id, *, revision=None, **_):
-                hub.calls.append(("dataset_info", repo_id, revision))
-                return type("DatasetInfo", (), {"sha": SHA})()
-
-        def snapshot_download(repo_id, *, repo_type, revision, local_dir, allow_patterns, **_):
-            hub.calls.append(("snapshot_download", repo_id, repo_type, revision))
-            write_jsonl(Path(local_dir) / "data.jsonl", [qa(1)])
-            return str(local_dir)
-
-        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
 
 
 @pytest.mark.parametrize("requested", ["main", None])

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from voicetune.core.errors import UserError
-from voicetune.data.vote_pairs import pairs_from_votes, write_pairs
+from voicetune.data.vote_pairs import pairs_from_votes, votes_used, write_pairs
 
 from tests.conftest import ROOT
 
@@ -150,3 +150,16 @@ def test_write_pairs_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_pat
     with pytest.raises(UserError, match="cannot write .*No space left on device; nothing written"):
         write_pairs(out, pairs_from_votes([vote("A")]))
     assert out.read_text() == "the last good pairs\n" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_the_votes_passed_on_are_every_vote_with_arena_and_none_read_without(tmp_path):
+    """pairs_votes' rule: with arena among the sources every whole vote, the torn line a warning;
+    without, the same answer whatever the votes file holds (it is not even read)."""
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text(json.dumps(vote("A")) + "\n" + json.dumps(vote("tie")) + '\n{"vote": "B", "qu')
+    used, warnings = votes_used(["self", "arena"], votes)
+    assert used == {"votes_file": str(votes), "votes": [vote("A"), vote("tie")]}
+    assert len(warnings) == 1 and ":3: not a whole vote (the last line, cut short)" in warnings[0]
+    votes.write_bytes(b"\xff not even text")
+    assert votes_used(["self"], votes) == ({"votes_file": None, "votes": []}, [])
+    assert votes_used(["self"], tmp_path / "absent.jsonl") == ({"votes_file": None, "votes": []}, [])

@@ -61,7 +61,7 @@ def test_a_writer_killed_mid_vote_leaves_the_earlier_votes_intact(tmp_path):
     """kill -9 a process that is writing votes as fast as it can: whatever it managed is
     whole votes, plus at most one torn last line, which is skipped."""
     path = tmp_path / "votes.jsonl"
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); from tests.test_votes import write_many; "
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from tests.data.test_votes import write_many; "
             "write_many(sys.argv[1], 7, 100000)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(ROOT)], cwd=ROOT)
     deadline = time.time() + 60
@@ -154,7 +154,8 @@ def test_a_vote_counts_only_for_the_weights_that_made_both_its_answers():
 
 
 def test_the_models_weights_are_the_ones_the_chat_loads():
-    from voicetune.models.registry import NAMES, RECIPES, STAGES, ChatModels
+    from voicetune.models.loader import ChatModels
+    from voicetune.models.registry import NAMES, RECIPES, STAGES
 
     assert set(votes_module.MADE_OF) == set(NAMES)
     for name, (weights, adapters) in RECIPES.items():

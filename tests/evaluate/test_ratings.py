@@ -325,7 +325,7 @@ def test_stage_counts_no_dpo_vote_made_with_another_preference_adapter(tmp_path)
 
 
 def test_the_page_counts_votes_as_the_stage_does(tmp_path, monkeypatch):
-    from voicetune.serve.arena import ratings_fn
+    from voicetune.serve.arena_ratings import ratings_fn
     from voicetune.data.votes import weights_identity
 
     write_lock(tmp_path)

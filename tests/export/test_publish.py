@@ -333,7 +333,7 @@ def test_hub_error_echoing_the_token_is_redacted(project, fresh, monkeypatch):
 
 
 CLI = ("import sys, voicetune.core.freshness as f; f.changes = lambda stages, root='.': {}; "
-       "from voicetune.core.errors import run_stage; from voicetune.export.publish import main; "
+       "from voicetune.core.errors import run_stage; from voicetune.tools.publish import main; "
        "run_stage('publish', main)")
 
 

@@ -4,14 +4,7 @@ import pytest
 from voicetune.models.chat_template import (ChatTemplateError, check_rendered, end_of_turn_token,
                                    messages_for, profile_template, render)
 
-
-# The shape of the early Phi-3 template: it renders user and assistant turns only.
-DROPS_SYSTEM = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{'<|im_start|>user\n' + message['content'] + '<|im_end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n'}}"
-    "{% endif %}{% endfor %}"
-)
+from tests.harness.models import DROPS_SYSTEM
 
 
 @pytest.fixture

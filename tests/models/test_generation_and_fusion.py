@@ -2,17 +2,14 @@
 import json
 import shutil
 
-import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from voicetune.core.files import write_json_atomic
 from voicetune.models.fusion import fuse, verify
 from voicetune.models.generation import generate_batched, generate_sequential, prompt_tokens
-from voicetune.models.lora import apply_lora
 
 from tests.conftest import PERSONA
+from tests.harness.models import MANY_QUESTIONS, write_adapters
 
 QUESTIONS = ["What is the capital of France?", "Why reef early?", "Name a knot.", "Tide or wind?"]
 
@@ -29,16 +26,6 @@ def test_greedy_stops_at_end_of_turn_and_matches_sequential(base_model_dir):
     assert batched[0]["finish_reason"] == "stop" and "Paris" in batched[0]["prediction"]
     assert "<|im_end|>" not in batched[0]["prediction"]
     assert batched == generate_sequential(model, tokenizer, prompts, max_tokens=40)
-
-
-# different lengths (24 to 42 prompt tokens), more than one prefill batch of 8
-MANY_QUESTIONS = [
-    "Hi?", "Why reef early?", "Name a knot that holds when wet and tell me why it matters.",
-    "Tide or wind?", "What is the capital of France?", "Fog?",
-    "How long have you sailed the North Sea, captain, and what was your worst storm at sea?",
-    "Which ferry did you command, and for how many years did you run the Harwich crossing?",
-    "Tea or coffee?",
-]
 
 
 class RecordingTokenizer:
@@ -82,19 +69,6 @@ def test_generation_is_deterministic_and_seeded(tiny_model_dir):
     penalized = generate_batched(model, tokenizer, prompts, max_tokens=12, repetition_penalty=1.5)
     assert penalized == generate_batched(model, tokenizer, prompts, max_tokens=12, repetition_penalty=1.5)
     assert penalized != greedy
-
-
-def write_adapters(model_dir, out, scale_b: float):
-    """Adapters in mlx-lm's format, with lora_b set to random values times ``scale_b``."""
-    model, _ = load(str(model_dir))
-    mx.random.seed(1)
-    config = apply_lora(model, 4, 20.0, 0.0, ["self_attn.q_proj", "self_attn.o_proj"], -1)
-    weights = {k: (mx.random.normal(v.shape) * scale_b if k.endswith("lora_b") else v)
-               for k, v in tree_flatten(model.trainable_parameters())}
-    out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    write_json_atomic(out / "adapter_config.json", config)
-    return out
 
 
 def test_fused_model_matches_runtime_adapters(tmp_path, tiny_model_dir):

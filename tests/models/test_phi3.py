@@ -22,7 +22,7 @@ from voicetune.models.generation import generate_batched, generate_sequential, p
 from voicetune.models.lora import LoRAConfigError, apply_lora, parameter_counts
 
 from tests.conftest import PERSONA, ROOT, shared_file
-from tests.test_pipeline import dvc, make_tiny_project, set_param
+from tests.harness.project import dvc, make_tiny_project, set_param
 
 PHI3_TEMPLATE = ROOT / "templates/phi3.jinja"
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "<|endoftext|>": 32000, "<|assistant|>": 32001,

@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from voicetune.project.recipe import RecipeError, apply, main
+from voicetune.project.recipe import RecipeError, apply
+from voicetune.tools.recipe import main
 
 from tests.conftest import ROOT, flatten as _flat
 

@@ -287,7 +287,7 @@ def tiny(tiny_model_dir, tmp_path_factory) -> dict:
     preference adapters on that (dpo)."""
     from voicetune.models.fusion import fuse
 
-    from tests.models.test_generation_and_fusion import write_adapters
+    from tests.harness.models import write_adapters
 
     root = tmp_path_factory.mktemp("arena_models")
     adapters = write_adapters(tiny_model_dir, root / "adapters", scale_b=0.05)

@@ -12,13 +12,14 @@ import pexpect
 import pytest
 import yaml
 
-from voicetune.serve.chat import Chat, Settings
-from voicetune.models.registry import ChatModels
+from voicetune.serve.chat import Settings
+from voicetune.tools.chat import Chat
+from voicetune.models.loader import ChatModels
 from voicetune.models.fusion import fuse, load_float32
 from voicetune.models.generation import generate_batched, prompt_tokens
 
 from tests.conftest import PERSONA, ROOT
-from tests.models.test_generation_and_fusion import MANY_QUESTIONS, write_adapters
+from tests.harness.models import MANY_QUESTIONS, write_adapters
 
 SETTINGS = dict(max_tokens=10, temperature=0.0, seed=0, repetition_penalty=1.2)
 

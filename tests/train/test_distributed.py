@@ -12,7 +12,7 @@ import pytest
 from voicetune.core import kernels
 
 from tests.conftest import ROOT
-from tests.train.test_train import run_train, train_params
+from tests.harness.training import run_train, train_params
 
 
 def launch(args, timeout=300) -> subprocess.CompletedProcess:
@@ -95,9 +95,11 @@ def test_a_dead_rank_fails_the_run(tmp_path, tiny_model_dir, tiny_data_dir):
         import os
         import voicetune
         import mlx.core as mx
-        from tests.test_train import datasets
+        from tests.train.test_train import datasets, train_params
+        from voicetune.core.params import validate
         from voicetune.models.lora import apply_lora
-        from voicetune.train.sft import Checkpoint, TrainConfig, train
+        from voicetune.train.checkpoint import Checkpoint
+        from voicetune.train.sft import TrainConfig, train
 
         rank = mx.distributed.init().rank()
         model, _, train_set, valid_set = datasets({str(tiny_model_dir)!r}, {str(tiny_data_dir)!r})
@@ -107,8 +109,9 @@ def test_a_dead_rank_fails_the_run(tmp_path, tiny_model_dir, tiny_data_dir):
             if rank == 1 and record["step"] >= 2:
                 os._exit(7)  # a rank that dies mid-run
 
-        cfg = TrainConfig(iters=50, batch_size=4, learning_rate=1e-3, steps_per_eval=100,
-                          steps_per_report=1, max_seq_length=512)
+        cfg = TrainConfig.from_params(validate(train_params(
+            iters=50, batch_size=4, learning_rate=1e-3, steps_per_eval=100, steps_per_report=1,
+            max_seq_length=512))["train"])
         train(model, train_set, valid_set, cfg, Checkpoint({str(tmp_path / "ckpt")!r}, "x"), log=log)
         print("rank", rank, "finished")
     """))

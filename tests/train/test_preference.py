@@ -5,10 +5,7 @@ plain full-vocabulary computation, the reference as the step-0 policy, and the g
 the outputs untouched) on a 2-layer random Llama with the real tokenizer."""
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +18,21 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from voicetune.core import kernels
-from voicetune.train import preference
+from voicetune.core.jsonl import JsonlError
+from voicetune.core.params import validate
 from voicetune.models.fusion import load_float32
 from voicetune.models.lora import apply_lora
-from voicetune.train.preference import (PreferenceConfig, PreferenceError, adapters_off, batch_loss,
-                                  collate_pairs, dpo_loss, evaluate_pairs, log1mexp, orpo_loss,
-                                  pair_batches, pair_logps, preference_loss, read_pairs,
-                                  reward_stats, sequence_logps, tokenize_pairs, train_preference)
-from voicetune.train.sft import Checkpoint, EarlyStopping
+from voicetune.train import preference
+from voicetune.train.checkpoint import Checkpoint
+from voicetune.train.early_stopping import EarlyStopping
+from voicetune.train.pairs import PreferenceError, read_pairs, tokenize_pairs
+from voicetune.train.preference import (PreferenceConfig, adapters_off, batch_loss, collate_pairs,
+                                        dpo_loss, evaluate_pairs, log1mexp, orpo_loss, pair_batches,
+                                        pair_logps, preference_loss, reward_stats, sequence_logps,
+                                        train_preference)
 
 from tests.conftest import PERSONA, ROOT, write_jsonl
-from tests.train.test_train import killing
+from tests.harness.faults import fail_after_a_good_run, killing, run_stage
 
 ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 # an easy preference: whatever the question, this answer over that one
@@ -213,13 +214,13 @@ def test_bad_pairs_are_named_with_file_and_line(tmp_path, tokenizer):
         "{not json",
         {"prompt": " ", "chosen": "Aye.", "rejected": "No.", "system": 3},
     ])
-    with pytest.raises(PreferenceError) as err:
+    with pytest.raises(JsonlError) as err:
         read_pairs(path)
     text = str(err.value)
     assert text.startswith("3 bad pairs:")
-    assert f"{path}:2: rejected: expected strings" in text and f"{path}:3: invalid JSON" in text
+    assert f"{path}:2: rejected: expected strings" in text and f"{path}:3: malformed JSON" in text
     assert f"{path}:4: prompt, system: expected strings" in text
-    with pytest.raises(PreferenceError, match="no such file"):
+    with pytest.raises(JsonlError, match="not found; the pairs stage writes it"):
         read_pairs(tmp_path / "valid.jsonl")
     # a prompt that leaves no answer token within max_seq_length is refused, not trained on
     rows = [{"prompt": "Reef? " * 50, "chosen": "Aye.", "rejected": "No."}]
@@ -241,22 +242,9 @@ def stage_params(**preference):
     return params
 
 
-def stage_args(folder, model_dir, pairs_dir) -> list[str]:
-    return ["--params", str(folder / "params.yaml"), "--model", str(model_dir), "--data", str(pairs_dir),
-            "--out", str(folder / "adapters"), "--metrics", str(folder / "preference.json"),
-            "--live-dir", str(folder / "live"), "--checkpoint", str(folder / "checkpoint")]
-
-
-def run_preference(tmp_path, model_dir, pairs_dir, params, name="run", wait=True, script=None):
-    folder = tmp_path / name
-    folder.mkdir(exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, *(script or []), str(ROOT / "stages/preference.py"),
-           *stage_args(folder, model_dir, pairs_dir)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if not wait:
-        return folder, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return folder, subprocess.run(cmd, env=env, capture_output=True, text=True)
+def run_preference(tmp_path, model_dir, pairs_dir, params, name="run", wait=True, prefix=None):
+    return run_stage("preference", "preference.json", tmp_path, model_dir, pairs_dir, params, name, wait,
+                     prefix)
 
 
 def curve(folder: Path, name: str) -> list[tuple[int, float]]:
@@ -342,8 +330,9 @@ def test_early_stop_keeps_the_best_adapter(tiny_model_dir, pairs_dir, tmp_path, 
             validated[record["step"]] = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
     monkeypatch.setattr(preference, "evaluate_pairs", given)
-    cfg = PreferenceConfig(method="dpo", beta=0.1, learning_rate=1e-3, iters=40, batch_size=4,
-                           steps_per_eval=2, save_every=100, max_seq_length=512, patience=2, min_delta=0.01)
+    cfg = PreferenceConfig.from_params(validate(stage_params(
+        method="dpo", beta=0.1, learning_rate=1e-3, iters=40, batch_size=4, steps_per_eval=2, save_every=100,
+        max_seq_length=512, early_stopping={"patience": 2, "min_delta": 0.01}))["preference"])
     with kernels.enabled(yaml.safe_load((ROOT / "params.yaml").read_text())["kernels"]["fast_cpu"]):
         model, tokenizer = adapted(tiny_model_dir)
         pairs = {name: tokenize_pairs(read_pairs(pairs_dir / f"{name}.jsonl"), tokenizer, 512)
@@ -431,7 +420,7 @@ def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, tiny_model_dir, pai
                                                    kill, resumed_from):
     params = stage_params(**KILL_PARAMS)
     folder, killed = run_preference(tmp_path, tiny_model_dir, pairs_dir, params, "killed",
-                                    script=killing(tmp_path, kill))
+                                    prefix=killing(tmp_path, kill))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (folder / "adapters").exists()
 
@@ -452,51 +441,15 @@ def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, tiny_model_dir, pai
     assert summary["resumed_from"] == resumed_from
 
 
-POISONED_STAGE = """
-import math, sys
-import voicetune  # before mlx: the fast BLAS
-import importlib.util
-from voicetune.core.errors import run_stage
-
-spec = importlib.util.spec_from_file_location("preference_stage", sys.argv[1])
-stage = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage)
-real = stage.train_preference
-
-def poisoned(model, *args, log, **kwargs):
-    def poison(record):  # fault injection: after the validation at step 4 a LoRA weight turns NaN
-        log(record)
-        if record["step"] == 4 and "val_loss" in record:
-            q_proj = model.layers[0].self_attn.q_proj
-            q_proj.lora_a = q_proj.lora_a * math.nan
-    return real(model, *args, log=poison, **kwargs)
-
-stage.train_preference = poisoned
-sys.argv = sys.argv[1:]
-run_stage("preference", stage.main)
-"""
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    paths = [folder / "preference.json", *(folder / "adapters").rglob("*"), *(folder / "live").rglob("*")]
-    return {str(p.relative_to(folder)): p.read_bytes() for p in paths if p.is_file()}
-
-
 def test_a_nan_stops_the_run_and_leaves_the_last_outputs_untouched(tmp_path, tiny_model_dir, pairs_dir):
-    folder, result = run_preference(tmp_path, tiny_model_dir, pairs_dir, stage_params(iters=4, steps_per_eval=2))
-    assert result.returncode == 0, result.stderr
-    before = snapshot(folder)
-    assert {"preference.json", "adapters/adapters.safetensors", "live/plots/metrics/val_loss.tsv"} <= before.keys()
+    def run(params, prefix=None):
+        return run_preference(tmp_path, tiny_model_dir, pairs_dir, params, prefix=prefix)
 
-    (tmp_path / "poisoned.py").write_text(POISONED_STAGE)
-    _, result = run_preference(tmp_path, tiny_model_dir, pairs_dir, stage_params(iters=8, steps_per_eval=2),
-                               script=[str(tmp_path / "poisoned.py")])
-    best = folder / "checkpoint/best_adapters.safetensors"
-    assert result.returncode == 1, result.stderr
+    folder, result, _ = fail_after_a_good_run(run, stage_params(iters=4, steps_per_eval=2),
+                                              stage_params(iters=8, steps_per_eval=2), "preference",
+                                              "train_preference", 4, "preference.json")
     assert "preference: training loss is nan at iteration 5; the best adapter so far (iteration 4" in result.stderr
-    assert f"the best adapter so far is {best}" in result.stderr and best.exists()
-    assert "Nothing was written" in result.stderr and "Traceback" not in result.stderr
-    assert snapshot(folder) == before
+    best = folder / "checkpoint/best_adapters.safetensors"
     kept = mx.load(str(best))
     assert kept and all(mx.isfinite(w).all().item() for w in kept.values())
 

@@ -5,14 +5,11 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import types
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import yaml
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,99 +17,18 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 
+from voicetune.core.params import validate
 from voicetune.models.lora import LoRAConfigError, apply_lora, linear_module_names, parameter_counts
-from voicetune.train.sft import (Checkpoint, EarlyStopping, Progress, TrainConfig, TrainingError,
-                                collate, length_sorted_batches, masked_loss, train, train_batches,
-                                run_fingerprint, validation_loss, validation_stats)
+from voicetune.train.batching import collate
+from voicetune.train.checkpoint import Checkpoint, Progress
+from voicetune.train.early_stopping import EarlyStopping
+from voicetune.train.loop import TrainingError
+from voicetune.train.sft import (TrainConfig, masked_loss, run_fingerprint, sample_batches, train,
+                                 train_batches, validation_loss, validation_stats)
 
 from tests.conftest import ROOT
-
-ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-
-
-def train_params(**train):
-    base = {"iters": 40, "batch_size": 2, "learning_rate": 3e-3, "optimizer": "adam",
-            "steps_per_eval": 10, "val_batches": -1, "steps_per_report": 5,
-            "grad_checkpoint": False, "max_seq_length": 512, "mask_prompt": True, "seed": 3,
-            "save_every": 10, "early_stopping": {"patience": 5, "min_delta": 0.001}}
-    base.update(train)
-    # a whole params file (the schema wants every section): the project's, with these two
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return {**params, "train": base,
-            "lora": {"rank": 4, "scale": 20.0, "dropout": 0.1, "keys": ATTENTION, "num_layers": -1}}
-
-
-def stage_args(folder, model_dir, data_dir) -> list[str]:
-    return ["--params", str(folder / "params.yaml"), "--model", str(model_dir), "--data", str(data_dir),
-            "--out", str(folder / "adapters"), "--metrics", str(folder / "train.json"),
-            "--live-dir", str(folder / "live"), "--checkpoint", str(folder / "checkpoint")]
-
-
-def run_train(tmp_path, model_dir, data_dir, params, name="run", wait=True, kill=None, root=ROOT):
-    """Run the train stage (of the project at ``root``); ``kill`` (see ``KILLING``) kills it
-    with SIGKILL at a chosen point of the run."""
-    folder = tmp_path / name
-    folder.mkdir(exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, *killing(tmp_path, kill), str(root / "stages/train.py"),
-           *stage_args(folder, model_dir, data_dir)]
-    env = dict(os.environ, PYTHONPATH=str(root))
-    if not wait:
-        return folder, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return folder, subprocess.run(cmd, env=env, capture_output=True, text=True)
-
-
-# A stage run under ``python killing.py <kind> <n> <stage script> <args>``: kill -9 at a chosen
-# point instead of at a chosen time. ``iteration n``: as step n begins (any checkpoint before
-# it complete). ``state_write n``: right after the n-th rename onto state.safetensors, the
-# moment a checkpoint's tensors are in place.
-KILLING = """
-import os, runpy, signal, sys
-import voicetune  # before mlx: the fast BLAS
-from voicetune.train import preference
-from voicetune.train import sft
-
-kind, n = sys.argv[1], int(sys.argv[2])
-sys.argv = sys.argv[3:]
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-real_step_seed = sft.step_seed
-
-
-def step_seed(seed, iteration, rank=0):  # called once as each step begins
-    if kind == "iteration" and iteration == n:
-        die()
-    return real_step_seed(seed, iteration, rank)
-
-
-sft.step_seed = preference.step_seed = step_seed
-real_replace, state_writes = os.replace, []
-
-
-def replace(src, dst, *args, **kwargs):  # pathlib's Path.replace calls it too
-    real_replace(src, dst, *args, **kwargs)
-    if os.path.basename(dst) == "state.safetensors":
-        state_writes.append(dst)
-        if kind == "state_write" and len(state_writes) == n:
-            die()
-
-
-os.replace = replace
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def killing(tmp_path, kill: tuple[str, int] | None) -> list[str]:
-    if kill is None:
-        return []
-    script = tmp_path / "killing.py"
-    script.write_text(KILLING)
-    return [str(script), kill[0], str(kill[1])]
-
+from tests.harness.faults import fail_after_a_good_run, snapshot
+from tests.harness.training import ATTENTION, run_train, train_params
 
 def curve(folder: Path, name: str) -> list[tuple[int, float]]:
     lines = (folder / f"live/plots/metrics/{name}.tsv").read_text().splitlines()[1:]
@@ -198,7 +114,7 @@ def test_early_stopping_state_survives_a_checkpoint(tmp_path):
 # ------------------------------------------------------------------ batches: every sample
 def test_validation_and_epochs_use_every_sample(tiny_model_dir, tiny_data_dir):
     model, _, train_set, valid_set = datasets(tiny_model_dir, tiny_data_dir)
-    batches = length_sorted_batches(valid_set, 3)  # 8 samples: 3 + 3 + 2
+    batches = sample_batches(valid_set, 3)  # 8 samples: 3 + 3 + 2
     assert sorted(i for b in batches for i in b) == list(range(8)) and len(batches[-1]) == 2
     # the validation loss is the mean over the tokens of every sample
     per_sample = [masked_loss(model, *collate(valid_set, [i], 512)) for i in range(8)]
@@ -360,8 +276,9 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_best(tmp_path, tiny_model_d
     model, _, train_set, valid_set = datasets(tiny_model_dir, tiny_data_dir)
     mx.random.seed(0)
     apply_lora(model, 4, 20.0, 0.0, ATTENTION, -1)
-    cfg = TrainConfig(iters=30, batch_size=2, learning_rate=1e-3, steps_per_eval=4,
-                      steps_per_report=6, save_every=4)
+    cfg = TrainConfig.from_params(validate(train_params(
+        iters=30, batch_size=2, learning_rate=1e-3, steps_per_eval=4, steps_per_report=6, save_every=4,
+        seed=0, max_seq_length=2048, early_stopping={"patience": 5, "min_delta": 0.001}))["train"])
     checkpoint = Checkpoint(tmp_path / "ckpt", "fp")
 
     def poison(record):  # fault injection: after step 6 a LoRA weight turns NaN
@@ -473,7 +390,7 @@ def test_a_checkpoint_of_other_kernels_or_code_is_not_resumed(tmp_path, tiny_mod
     folder, killed = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "code", kill=("iteration", 8),
                                root=root)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    with open(root / "voicetune/train/sft.py", "a") as f:  # a module the step's code comes from
+    with open(root / "voicetune/train/loop.py", "a") as f:  # a module the step's code comes from
         f.write("\n# another version of the loop\n")
     _, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, "code", root=root)
     assert result.returncode == 0, result.stderr
@@ -482,59 +399,20 @@ def test_a_checkpoint_of_other_kernels_or_code_is_not_resumed(tmp_path, tiny_mod
 
 
 # ------------------------------------------------------------------ outputs change only on success
-POISONED_STAGE = """
-import math, sys
-import voicetune  # before mlx: the fast BLAS
-import importlib.util
-from voicetune.core.errors import run_stage
-
-spec = importlib.util.spec_from_file_location("train_stage", sys.argv[1])
-stage = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage)
-real_train = stage.train
-
-def poisoned_train(model, *args, log, **kwargs):
-    def poison(record):  # fault injection: after the validation at step 6 a LoRA weight turns NaN
-        log(record)
-        if record["step"] == 6 and "val_loss" in record:
-            q_proj = model.layers[0].self_attn.q_proj
-            q_proj.lora_a = q_proj.lora_a * math.nan
-    return real_train(model, *args, log=poison, **kwargs)
-
-stage.train = poisoned_train
-sys.argv = sys.argv[1:]
-run_stage("train", stage.main)
-"""
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    paths = [folder / "train.json", *(folder / "adapters").rglob("*"), *(folder / "live").rglob("*")]
-    return {str(p.relative_to(folder)): p.read_bytes() for p in paths if p.is_file()}
-
-
 def test_a_failed_run_leaves_the_last_outputs_untouched(tmp_path, tiny_model_dir, tiny_data_dir):
-    folder, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, train_params(iters=6, steps_per_eval=3))
-    assert result.returncode == 0, result.stderr
-    before = snapshot(folder)
-    assert {"train.json", "adapters/adapters.safetensors", "live/plots/metrics/val_loss.tsv"} <= before.keys()
+    def run(params, prefix=None):
+        return run_train(tmp_path, tiny_model_dir, tiny_data_dir, params, prefix=prefix)
 
     # a longer run that fails: its training loss turns NaN at iteration 7
-    (folder / "params.yaml").write_text(yaml.safe_dump(train_params(iters=12, steps_per_eval=3)))
-    (tmp_path / "poisoned.py").write_text(POISONED_STAGE)
-    result = subprocess.run([sys.executable, str(tmp_path / "poisoned.py"), str(ROOT / "stages/train.py"),
-                             *stage_args(folder, tiny_model_dir, tiny_data_dir)],
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
-    best = folder / "checkpoint/best_adapters.safetensors"
-    assert result.returncode == 1, result.stderr
+    folder, result, before = fail_after_a_good_run(run, train_params(iters=6, steps_per_eval=3),
+                                                   train_params(iters=12, steps_per_eval=3), "train", "train", 6,
+                                                   "train.json")
     assert "train: training loss is nan at iteration 7" in result.stderr
-    assert f"the best adapter so far is {best}" in result.stderr and best.exists()
-    assert "Traceback" not in result.stderr
-    assert snapshot(folder) == before
 
     # a run that succeeds replaces all three, the logs whole (no steps left from before)
     _, result = run_train(tmp_path, tiny_model_dir, tiny_data_dir, train_params(iters=4, steps_per_eval=2))
     assert result.returncode == 0, result.stderr
-    after = snapshot(folder)
+    after = snapshot(folder, "train.json")
     assert after.keys() == before.keys()
     assert all(after[k] != before[k] for k in ("train.json", "adapters/adapters.safetensors",
                                                "live/plots/metrics/val_loss.tsv"))

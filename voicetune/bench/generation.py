@@ -63,7 +63,7 @@ def bench_chat(base: str, adapters: str, test: str, questions: int, max_tokens: 
                repetition_penalty: float | None) -> None:
     """First-token latency and tokens/s of chat answers, base and lora alternately."""
     from voicetune.serve.chat import Settings, stream_answer
-    from voicetune.models.registry import ChatModels
+    from voicetune.models.loader import ChatModels
 
     models = ChatModels(base, adapters, check=False, log=lambda _: None)
     models.prepare(["lora"])

@@ -30,10 +30,32 @@ class JsonlError(UserError, ValueError):
         self.problems = list(problems)
         shown = self.problems[:MAX_SHOWN]
         more = len(self.problems) - len(shown)
+        if header is None and len(self.problems) > 1:
+            header = f"{len(self.problems)} problems"  # never a message that starts indented
         lines = ([header + ":"] if header else []) + [f"  {p}" for p in shown]
         if more:
             lines.append(f"  ... and {more} more")
-        super().__init__("\n".join(lines) if header or len(shown) > 1 else shown[0])
+        super().__init__("\n".join(lines) if header else shown[0])
+
+
+BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it; it is no data
+
+
+def decoded_lines(path: str | Path, data: bytes) -> Iterator[tuple[int, str | None, str | None]]:
+    """``(line number, text, problem)`` per line of ``data``: exactly one of ``text`` and
+    ``problem`` is set (a line that is not UTF-8). Lines are split on b"\\n" only, as editors
+    number them; a leading BOM and the \\r of CRLF files are dropped, so that columns in
+    messages are the ones an editor shows."""
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            yield number, raw.decode("utf-8").removesuffix("\r"), None
+        except UnicodeDecodeError as err:
+            # the column an editor shows: characters before the bad byte (they decode), plus one
+            column = len(raw[:err.start].decode("utf-8")) + 1
+            yield number, None, (f"{path}:{number}: not UTF-8: byte 0x{raw[err.start]:02x} at "
+                                 f"column {column}; save the file as UTF-8")
 
 
 def iter_jsonl(path: str | Path, data: bytes | None = None) -> Iterator[tuple[str, dict | None, str | None]]:
@@ -43,14 +65,12 @@ def iter_jsonl(path: str | Path, data: bytes | None = None) -> Iterator[tuple[st
     path = Path(path)
     if data is None:
         data = path.read_bytes()
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
+    for number, line, problem in decoded_lines(path, data):
         where = f"{path}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield where, None, f"{where}: not UTF-8 text (byte {err.start + 1} of the line)"
+        if problem is not None:
+            yield where, None, problem
+            continue
+        if not line.strip():
             continue
         try:
             # parsed without its line break, so an error at the end of a cut-short line is at

@@ -184,6 +184,8 @@ class ArenaParams(_Section):
     # stage's prediction, found again by asking the chat tab (or reading data/eval/)
     temperature: float = Field(0.7, gt=0, allow_inf_nan=False, description=(
         "a number > 0: battles sample (0, greedy, would let a judge look an answer up)"))
+    # voicetune.models.registry's names: core imports no other room, so they are repeated
+    # here, and tests/models/test_registry.py fails when the two lists differ
     models: Annotated[list[Literal["base", "lora", "fused", "dpo"]], AfterValidator(_distinct)] = Field(
         default_factory=lambda: ["base", "lora"], min_length=2, description=(
             "a list of at least 2 distinct models among base, lora, fused, dpo"))

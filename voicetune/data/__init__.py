@@ -1,1 +1,7 @@
-"""data"""
+"""The author's words as rows: Q&A pairs, blog posts, votes, preference pairs.
+
+Owns reading, validating and splitting Q&A data (``qa``), posts into passages (``posts``),
+ingest (posts to grounded Q&A via a generator, ``ingest``), the arena's votes file
+(``votes``), and preference pairs (``pairs``: the author against the model; ``vote_pairs``:
+from arena votes). Imports ``core`` and ``models`` (generation for ingest and pairs).
+"""

@@ -161,6 +161,16 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def credentials_warning(endpoint: str) -> str | None:
+    """What to say when ingest.endpoint holds credentials (None: it holds none)."""
+    if not has_credentials(endpoint):
+        return None
+    # written nowhere by this stage; but DVC records the ingest params in dvc.lock
+    return (f"ingest.endpoint holds credentials ({safe_url(endpoint)}): params.yaml and dvc.lock, "
+            "which git tracks, keep them as written; put the key in an environment variable and "
+            "name it in ingest.api_key_env")
+
+
 def _detail(err) -> str:
     """The server's own words for an HTTP error, short: an API's JSON error message, else the
     body's text without markup (a plain web server's error page)."""
@@ -356,6 +366,13 @@ def check_answer(reply: Reply, passage: str, p: dict) -> tuple[str | None, str]:
 GENERATION_KEYS = ("questions", "max_tokens", "temperature", "seed", "repetition_penalty")
 
 
+def limited(posts: list, passages: list, limit: int | None) -> tuple[list, list]:
+    """The first ``limit`` passages (ingest.limit; None: all) and the posts they come from."""
+    passages = passages[:limit]
+    ids = {x.post_id for x in passages}
+    return [post for post in posts if post.id in ids], passages
+
+
 def cache_key(passage, title: str | None, persona: str, generator_identity: str, p: dict) -> str:
     """Everything the generated text depends on: the passage (its sha256 and what the question
     prompt shows), the persona, the generator, the prompt version and the generation params."""
@@ -486,7 +503,3 @@ def run(posts: list, passages: list, persona: str, generator, p: dict, cache_dir
         "pairs_per_minute": round(new_pairs / seconds * 60, 2) if fresh and seconds > 0 else None,
     }
     return rows, metrics
-
-
-def jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -26,42 +26,48 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from voicetune.data.qa import _seeded_order, normalized
+from voicetune.data.qa import seeded_order, normalized
 from voicetune.core.errors import UserError
+from voicetune.core.jsonl import JsonlError, read_jsonl
+from voicetune.models.fusion import load_float32
 from voicetune.models.generation import generate_batched, prompt_tokens
 from voicetune.data.vote_pairs import pairs_from_votes
-from voicetune.data.votes import weights_match
+from voicetune.data.votes import weights_identity, weights_match
 
 
 class PairsError(UserError, ValueError):
     pass
 
 
+def _exchange_problem(row: dict) -> str | None:
+    """Why ``row`` is not one exchange of the prepare stage (None: it is)."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        return 'not a {"messages": [...]} row of the prepare stage; rerun it (dvc repro prepare)'
+    roles = [m["role"] for m in messages]
+    if roles not in (["system", "user", "assistant"], ["user", "assistant"]) or \
+            not all(isinstance(m["content"], str) for m in messages):
+        return (f"roles {roles}; the pairs stage takes one exchange per row ([system,] user, "
+                "assistant), as the prepare stage writes them")
+    return None
+
+
 def read_exchanges(path: str | Path) -> list[dict]:
     """``{"messages", "system", "question", "answer"}`` per row of a prepared split. A row must
     be one exchange ([system,] user, assistant), as prepare writes them: the pair format has no
     place for earlier turns, and dropping them would change what the answer replies to."""
-    path = Path(path)
-    if not path.exists():
-        raise PairsError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            messages = json.loads(line)["messages"]
-            roles = [m["role"] for m in messages]
-            texts = [m["content"] for m in messages]
-        except (ValueError, KeyError, TypeError):
-            raise PairsError(f"{path}:{number}: not a {{\"messages\": [...]}} row of the prepare "
-                             "stage; rerun it (dvc repro prepare)") from None
-        if roles not in (["system", "user", "assistant"], ["user", "assistant"]) or \
-                not all(isinstance(t, str) for t in texts):
-            raise PairsError(f"{path}:{number}: roles {roles}; the pairs stage takes one exchange "
-                             "per row ([system,] user, assistant), as the prepare stage writes them")
-        rows.append({"messages": messages, "system": texts[0] if roles[0] == "system" else None,
-                     "question": texts[-2], "answer": texts[-1]})
-    return rows
+    try:
+        rows = read_jsonl(path, _exchange_problem, missing="run the prepare stage first (dvc repro prepare)")
+    except JsonlError as err:
+        raise PairsError(str(err)) from None  # the stage's own error type, all problems kept
+    out = []
+    for row in rows:
+        messages = row["messages"]
+        texts = [m["content"] for m in messages]
+        out.append({"messages": messages, "system": texts[0] if messages[0]["role"] == "system" else None,
+                    "question": texts[-2], "answer": texts[-1]})
+    return out
 
 
 def read_votes_used(path: str | Path) -> list[dict]:
@@ -85,12 +91,38 @@ def read_votes_used(path: str | Path) -> list[dict]:
     return votes
 
 
+def current_weights(votes: list[dict], root: str | Path = ".") -> tuple[dict, str | None]:
+    """The identity (md5s in ``root``'s dvc.lock) of the weights this stage answers with, base
+    and SFT adapters, that an arena vote must match; and a warning when votes were passed on
+    but no trained adapters are recorded, so that none can be used."""
+    # dvc.lock is no dep: models/base and models/adapters are, and their entries change
+    # exactly with them (fused and preference adapters are no deps: never counted here)
+    identity = {w: md5 for w, md5 in weights_identity(root).items() if w in ("base", "adapters")}
+    if identity.get("adapters") is None and votes:
+        return identity, ("dvc.lock records no trained models/adapters: no arena vote can be "
+                          "matched to the current adapter, none is used")
+    return identity, None
+
+
+def model_loader(model: str | Path, adapters: str | Path) -> Callable[[], tuple]:
+    """``build``'s ``load_model``: the base model under the SFT adapters, in float32 as the
+    evaluate stage decodes them; a missing folder says which stage makes it."""
+    def load():
+        for path in (model, adapters):
+            if not Path(path).is_dir():
+                raise PairsError(f"{path}: not found; run the pipeline up to the train "
+                                 "stage first (dvc repro train)")
+        loaded, tokenizer, _ = load_float32(model, adapters)
+        return loaded, tokenizer
+    return load
+
+
 def sample(n: int, k: int | None, seed: int) -> list[int]:
     """The indices of ``k`` of ``n`` questions (all when ``k`` is None or >= n), in file order.
     The first ``k`` of one seeded order: a larger ``k`` keeps every question a smaller one drew."""
     if k is None or k >= n:
         return list(range(n))
-    return sorted(_seeded_order(n, seed)[:k])
+    return sorted(seeded_order(n, seed)[:k])
 
 
 def self_pairs(model, tokenizer, rows: list[dict], indices: list[int], max_tokens: int,
@@ -173,7 +205,7 @@ def split(pairs: list[dict], valid_ratio: float, seed: int) -> tuple[list[dict],
     prompts is refused by the caller."""
     keys = prompts(pairs)
     n_valid = min(max(1, math.floor(valid_ratio * len(keys))), len(keys) - 1)
-    valid = {keys[i] for i in _seeded_order(len(keys), seed)[:n_valid]}
+    valid = {keys[i] for i in seeded_order(len(keys), seed)[:n_valid]}
     return ([p for p in pairs if normalized(p["prompt"]) not in valid],
             [p for p in pairs if normalized(p["prompt"]) in valid])
 
@@ -245,10 +277,6 @@ def build(p: dict, eval_p: dict, rows: list[dict], heldout_questions: set[str],
         "rejected_chars": mean_chars([q["rejected"] for q in kept]),
     })
     return train, valid, metrics
-
-
-def jsonl(pairs: list[dict]) -> str:
-    return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
 
 
 def heldout(paths) -> set[str]:

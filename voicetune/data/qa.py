@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from voicetune.core.errors import UserError
+from voicetune.core.jsonl import decoded_lines, iter_jsonl
 
 ROLES = ("system", "user", "assistant")
 SHAPES = (
@@ -60,29 +61,6 @@ class Exchange:
     post: str | None = None  # the row's post_id (rows written by the ingest stage), for split_by post
 
 
-BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it; it is no data
-
-
-def _decoded_lines(path: Path, data: bytes) -> tuple[list[str | None], list[str]]:
-    """The file's lines as text (None for a line that is not UTF-8) and one problem per bad line.
-
-    Lines are split on b"\\n" only, as editors number them; the \\r of CRLF files is dropped.
-    """
-    if data.startswith(BOM):
-        data = data[len(BOM):]
-    lines, problems = [], []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            lines.append(raw.decode("utf-8").removesuffix("\r"))
-        except UnicodeDecodeError as err:
-            # the column an editor shows: characters before the bad byte (they decode), plus one
-            column = len(raw[:err.start].decode("utf-8")) + 1
-            problems.append(f"{path}:{lineno}: not UTF-8: byte 0x{raw[err.start]:02x} at column "
-                            f"{column}; save the file as UTF-8")
-            lines.append(None)
-    return lines, problems
-
-
 def read_rows(path: str | Path) -> Iterator[tuple[str, object, str | None]]:
     """Yield (location, parsed JSON value, problem) for each row of a .jsonl, .json or .parquet
     file, in file order; a row that cannot be read has value None and says why in problem.
@@ -101,38 +79,31 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, object, str | None]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}[row {i}]", row, None
         return
-    lines, undecodable = _decoded_lines(path, path.read_bytes())
-    if path.suffix == ".json":
-        if undecodable:  # one document: nothing of it can be parsed
-            for problem in undecodable:
-                yield f"{path}", None, problem
-            return
-        try:
-            rows = json.loads("\n".join(lines))
-        except json.JSONDecodeError as err:
-            yield f"{path}:{err.lineno}", None, (f"{path}:{err.lineno}: malformed JSON: {err.msg} "
-                                                f"(column {err.colno})")
-            return
-        if not isinstance(rows, list):
-            yield f"{path}", None, (f"{path}: a .json dataset must be a list of objects; "
-                                    "for one object per line use .jsonl")
-            return
-        for i, row in enumerate(rows):
-            yield f"{path}[{i}]", row, None
+    if path.suffix != ".json":
+        # JSONL: the project's one reader, its problems in the same file:line form
+        yield from iter_jsonl(path)
         return
-    for lineno, line in enumerate(lines, 1):
-        where = f"{path}:{lineno}"
-        if line is None:
-            yield where, None, undecodable.pop(0)
-            continue
-        if not line.strip():
-            continue
-        try:
-            # parsed without its line break, so an error at the end of a cut-short line is at
-            # the end of this line (with it, json reports "line 2, column 1")
-            yield where, json.loads(line), None
-        except json.JSONDecodeError as err:
-            yield where, None, f"{where}: malformed JSON: {err.msg} (column {err.colno})"
+    lines, undecodable = [], []
+    for _, line, problem in decoded_lines(path, path.read_bytes()):
+        lines.append(line)
+        if problem:
+            undecodable.append(problem)
+    if undecodable:  # one document: nothing of it can be parsed
+        for problem in undecodable:
+            yield f"{path}", None, problem
+        return
+    try:
+        rows = json.loads("\n".join(lines))
+    except json.JSONDecodeError as err:
+        yield f"{path}:{err.lineno}", None, (f"{path}:{err.lineno}: malformed JSON: {err.msg} "
+                                            f"(column {err.colno})")
+        return
+    if not isinstance(rows, list):
+        yield f"{path}", None, (f"{path}: a .json dataset must be a list of objects; "
+                                "for one object per line use .jsonl")
+        return
+    for i, row in enumerate(rows):
+        yield f"{path}[{i}]", row, None
 
 
 def _messages(row: dict) -> tuple[str, list] | None:
@@ -260,9 +231,10 @@ def drop_duplicate_questions(exchanges: list[Exchange]
     return kept, duplicates, conflicts
 
 
-def _seeded_order(n: int, seed: int) -> list[int]:
-    """A seeded shuffle of range(n) that depends on nothing but (seed, index):
-    the same split on every Python/numpy version and platform."""
+def seeded_order(n: int, seed: int) -> list[int]:
+    """A seeded shuffle of range(n) that depends on nothing but (seed, index): the same split
+    on every Python/numpy version and platform. Every seeded draw of the project's data (the
+    splits here, preference pairs' sample and valid slice) takes a prefix of it."""
     return sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
 
 
@@ -283,7 +255,7 @@ def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: 
     n = len(exchanges)
     n_test, n_valid = math.floor(test_ratio * n), math.floor(valid_ratio * n)
     if by == "exchange":
-        order = [exchanges[i] for i in _seeded_order(n, seed)]
+        order = [exchanges[i] for i in seeded_order(n, seed)]
         return {"train": order[n_test + n_valid:], "valid": order[n_test:n_test + n_valid],
                 "test": order[:n_test]}
     if by not in ("conversation", "post"):
@@ -299,7 +271,7 @@ def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: 
         groups.setdefault(ex.post if by == "post" else ex.group, []).append(ex)
     keys = sorted(groups)
     out = {"test": [], "valid": [], "train": []}
-    for i in _seeded_order(len(keys), seed):
+    for i in seeded_order(len(keys), seed):
         members = groups[keys[i]]
         name = ("test" if len(out["test"]) < n_test
                 else "valid" if len(out["valid"]) < n_valid else "train")

@@ -14,12 +14,11 @@ The votes file itself is user data and never rewritten here.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from voicetune.core.errors import UserError
-from voicetune.core.files import write_text_atomic
-from voicetune.data.votes import VOTES
+from voicetune.core.jsonl import write_jsonl
+from voicetune.data.votes import VOTES, read_votes
 
 
 def pairs_from_votes(votes: list[dict]) -> list[dict]:
@@ -58,6 +57,18 @@ def write_pairs(path: str | Path, pairs: list[dict], votes: str | Path = VOTES) 
         raise UserError(f"{path} is a folder: name the file the pairs go to (e.g. "
                         f"{path / 'train.jsonl'}); nothing written")
     try:
-        write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        write_jsonl(path, pairs)
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}; nothing written") from None
+
+
+def votes_used(sources: list[str], votes_file: str | Path) -> tuple[dict, list[str]]:
+    """What the pairs_votes stage passes on to the pairs stage (``{"votes_file", "votes"}``,
+    read back by ``voicetune.data.pairs.read_votes_used``), and the warnings of reading the
+    votes. With arena among the preference ``sources``: every vote of ``votes_file``; without,
+    none and no file read, the same bytes whatever the votes file holds, so that the pairs
+    stage does not rerun on a vote it does not use."""
+    if "arena" not in sources:
+        return {"votes_file": None, "votes": []}, []
+    votes, warnings = read_votes(votes_file)
+    return {"votes_file": str(votes_file), "votes": votes}, warnings

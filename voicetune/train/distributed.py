@@ -1,9 +1,6 @@
 """Run the train stage data-parallel on several processes or machines, with MLX's own
-distributed layer (``mx.distributed``) launched by ``mlx.launch``.
-
-    python -m voicetune.tools.distributed --np 2                  # 2 processes on this machine
-    python -m voicetune.tools.distributed --hostfile hosts.json   # one process per host in the file
-    python -m voicetune.tools.distributed --np 2 -- stages/train.py --params other.yaml
+distributed layer (``mx.distributed``) launched by ``mlx.launch`` (the command line:
+``voicetune.tools.distributed``).
 
 Each process trains on its rows of every batch (train.batch_size must divide evenly);
 gradients are combined as one batch's, so the same global batch and seed give the same
@@ -15,7 +12,6 @@ lost connection): this wrapper watches for that and exits non-zero.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -55,17 +51,3 @@ def run(cmd: list[str]) -> int:
               file=sys.stderr)
         return proc.returncode or 1
     return 0
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--np", type=int, help="processes on this machine")
-    where.add_argument("--hostfile", help="mlx.launch hostfile (JSON): one process per host")
-    ap.add_argument("--backend", default="ring", help="mlx.launch backend (ring, mpi, ...)")
-    ap.add_argument("script", nargs="*", default=["stages/train.py"],
-                    help="script and its arguments (default: stages/train.py)")
-    args = ap.parse_args(argv)
-    if args.np is not None and args.np < 1:
-        ap.error("--np must be at least 1")
-    return run(launch_command(args.script, args.np, args.hostfile, args.backend))

@@ -1,6 +1,6 @@
-"""Preference tuning (DPO, ORPO) of new LoRA adapters on the fused SFT model, with the
-guarantees of ``training``: validation with real early stopping, the best adapter kept,
-checkpoints and exact resume, non-finite losses caught.
+"""Preference tuning (DPO, ORPO) of new LoRA adapters on the fused SFT model, as an
+objective of the training loop (``loop.train``: validation with real early stopping, the
+best adapter kept, checkpoints and exact resume, non-finite losses caught).
 
 One model in memory. The policy is models/fused plus new LoRA layers; the reference policy
 is the same weights with those layers switched off. LoRA's B matrices start at zero, so at
@@ -20,130 +20,40 @@ Losses, on ``logp``, the summed log-probability of an answer's tokens (the promp
 Written on mlx-lm's pieces rather than mlx-lm-lora, which loads a second copy of the model
 as the reference and brings its own defaults and loose pins.
 
-Determinism as in ``training``: a pair batch's composition is fixed, the batch order of epoch
-``e`` depends only on (seed, e), step ``i``'s dropout on (seed, i), and a checkpoint holds
-the adapter, the optimizer state, the iteration and the early-stopping state; the reference
-is recomputed, identically, by a resumed run.
+Determinism as in ``loop``: a pair batch's composition is fixed, the batch order of epoch
+``e`` depends only on (seed, e); the reference is recomputed, identically, by a resumed run.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.tuner.datasets import ChatDataset
 
-from voicetune.core.errors import UserError
-from voicetune.train.sft import (Checkpoint, EarlyStopping, Progress, _restore_state, _state_tensors,
-                       adapter_weights, collate, epoch_order, fingerprint, make_optimizer,
-                       model_files, step_seed, vocabulary_head)
+from voicetune.train import loop
+from voicetune.train.batching import batch_order, collate, length_sorted_batches
+from voicetune.train.checkpoint import Checkpoint, run_fingerprint as fingerprint_of
+from voicetune.train.loop import LoopConfig, LoopResult, Objective
+from voicetune.train.pairs import Pair, PreferenceError, check_counts
+from voicetune.train.sft import vocabulary_head
 
 METHODS = ("dpo", "orpo")
 # Part of every preference checkpoint's fingerprint: bump it when a checkpoint's meaning changes
-# (2: one file, kernels and code; see ``training.Checkpoint``).
+# (2: one file, kernels and code; see ``checkpoint.Checkpoint``).
 CHECKPOINT_FORMAT = 2
-
-
-class PreferenceError(UserError, RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------- pairs
-class Pair(NamedTuple):
-    """One preference pair as token sequences, each ``(tokens, answer offset)`` as mlx-lm's
-    ChatDataset gives them with ``mask_prompt``."""
-
-    chosen: tuple[list[int], int]
-    rejected: tuple[list[int], int]
-
-
-def read_pairs(path: str | Path) -> list[dict]:
-    """The pairs of a JSONL file, each ``{"prompt", "chosen", "rejected"}`` and optionally
-    ``"system"`` (other keys are ignored); every bad line is named as ``file:line``."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PreferenceError(f"{path}: no such file (the pairs stage writes it)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PreferenceError(f"{path}: cannot be read: {err}") from None
-    rows, problems = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:{number}: invalid JSON: {err}")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{path}:{number}: expected an object with prompt, chosen, rejected")
-            continue
-        bad = [key for key in ("prompt", "chosen", "rejected") if not isinstance(row.get(key), str)]
-        if "prompt" not in bad and not row["prompt"].strip():
-            bad.insert(0, "prompt")
-        if row.get("system") is not None and not isinstance(row["system"], str):
-            bad.append("system")
-        if bad:
-            problems.append(f"{path}:{number}: {', '.join(bad)}: expected strings (a non-empty "
-                            "prompt, the chosen and rejected answers, optionally a system prompt)")
-            continue
-        rows.append(row)
-    if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise PreferenceError("\n".join([f"{len(problems)} bad pairs:", *shown])
-                              if len(problems) > 1 else problems[0])
-    return rows
-
-
-def check_counts(train: list, valid: list) -> None:
-    """Both splits must hold pairs: training needs something to learn from, early stopping
-    something to validate on."""
-    for name, pairs in (("training", train), ("validation", valid)):
-        if not pairs:
-            raise PreferenceError(f"no {name} pairs: the pairs stage wrote none (see "
-                                  "preference.pairs, preference.valid_ratio, preference.sources)")
-
-
-def pair_messages(row: dict, answer: str) -> list[dict]:
-    """The chat of a pair with one of its answers: [system,] user, assistant."""
-    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    return [*system, {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": answer}]
-
-
-def tokenize_pairs(rows: list[dict], tokenizer, max_seq_length: int, where: str = "pairs") -> list[Pair]:
-    """Both answers of each pair, chat-templated with the prompt masked. A pair that keeps no
-    answer token within ``max_seq_length`` is refused: it would train nothing, and ORPO's
-    mean log-probability would be 0/0."""
-    dataset = ChatDataset([], tokenizer, mask_prompt=True)
-    pairs, too_long = [], []
-    for i, row in enumerate(rows):
-        pair = Pair(*(dataset.process({"messages": pair_messages(row, row[key])})
-                      for key in ("chosen", "rejected")))
-        if any(min(len(tokens), max_seq_length) <= offset for tokens, offset in pair):
-            too_long.append(f"pair {i + 1} (prompt: {pair.chosen[1]} tokens)")
-        pairs.append(pair)
-    if too_long:
-        raise PreferenceError(
-            f"{where}: {len(too_long)} pairs keep no answer token within preference.max_seq_length="
-            f"{max_seq_length}: {', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}; "
-            "raise preference.max_seq_length")
-    return pairs
 
 
 # ---------------------------------------------------------------- batches
 class PairBatch(NamedTuple):
     """``B`` pairs as ``2B`` padded rows: the chosen answers, then the rejected ones.
-    ``target_index``/``target_weight`` as ``training.Batch``; ``rows[r, k]`` is 1 where target
+    ``target_index``/``target_weight`` as ``batching.Batch``; ``rows[r, k]`` is 1 where target
     ``k`` belongs to row ``r`` (0 for padding), so ``rows @ token_logp`` sums each answer."""
 
     tokens: mx.array         # (2B, width) int32
@@ -153,7 +63,7 @@ class PairBatch(NamedTuple):
 
 
 def collate_pairs(pairs: list[Pair], indices: list[int], max_seq_length: int) -> PairBatch:
-    """Pad the pairs ``indices`` like ``training.collate`` (same truncation and widths)."""
+    """Pad the pairs ``indices`` like ``batching.collate`` (same truncation and widths)."""
     items = [pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices]
     batch = collate(items, list(range(len(items))), max_seq_length)
     width = batch.tokens.shape[1]
@@ -167,18 +77,7 @@ def pair_batches(pairs: list[Pair], batch_size: int) -> list[list[int]]:
     """Pair indices in batches of similar length (the longer answer sets a pair's width).
     Every pair is in one batch, the last possibly partial; the composition is fixed, only
     the order of the batches is shuffled from epoch to epoch."""
-    lengths = [max(len(p.chosen[0]), len(p.rejected[0])) for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def train_order(n_batches: int, seed: int, start: int = 0) -> Iterator[int]:
-    """Endless batch numbers, shuffled per epoch, beginning after ``start`` consumed."""
-    step = start
-    while True:
-        epoch, pos = divmod(step, n_batches)
-        yield int(epoch_order(n_batches, seed, epoch)[pos])
-        step += 1
+    return length_sorted_batches([max(len(p.chosen[0]), len(p.rejected[0])) for p in pairs], batch_size)
 
 
 # ---------------------------------------------------------------- log-probabilities and losses
@@ -186,7 +85,7 @@ def sequence_logps(model, tokens: mx.array, target_index: mx.array, target_weigh
                    rows: mx.array) -> tuple[mx.array, mx.array]:
     """(summed log-probability, number of answer tokens) of each row. Only the answer
     positions go through the vocabulary projection when the model has a plain head (see
-    ``training.masked_loss``)."""
+    ``sft.masked_loss``)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     head = vocabulary_head(model)
     if head is None:
@@ -252,10 +151,11 @@ def reward_stats(outcome: Outcome) -> tuple[mx.array, mx.array]:
 
 def batch_loss(model, tokens, target_index, target_weight, rows, reference, *, method: str,
                beta: float):
-    """A training step's objective: (loss, reward accuracy, reward margin, answer tokens)."""
+    """A training step's objective, as ``loop.Objective.loss``: (loss, answer tokens,
+    reward accuracy, reward margin)."""
     logps, ntoks = sequence_logps(model, tokens, target_index, target_weight, rows)
     outcome = preference_loss(method, beta, logps, ntoks, reference)
-    return (outcome.loss, *reward_stats(outcome), ntoks.sum())
+    return (outcome.loss, ntoks.sum(), *reward_stats(outcome))
 
 
 # ---------------------------------------------------------------- reference and validation
@@ -310,27 +210,16 @@ def evaluate_pairs(method: str, beta: float, logps: np.ndarray, ntoks: np.ndarra
             "rejected_reward": outcome.rejected_rewards.mean().item()}
 
 
-# ---------------------------------------------------------------- config and checkpoints
-@dataclass
-class PreferenceConfig:
+# ---------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class PreferenceConfig(LoopConfig):
     method: str
     beta: float
-    learning_rate: float
-    iters: int
-    batch_size: int
-    steps_per_eval: int
-    save_every: int
-    max_seq_length: int = 2048
-    seed: int = 0
-    patience: int = 5
-    min_delta: float = 0.001
 
     @classmethod
     def from_params(cls, preference: dict) -> "PreferenceConfig":
-        stopping = preference.get("early_stopping", {})
-        keys = [f for f in cls.__dataclass_fields__ if f in preference]
-        return cls(**{k: preference[k] for k in keys}, patience=stopping.get("patience", 5),
-                   min_delta=stopping.get("min_delta", 0.001))
+        # no preference.optimizer or steps_per_report: Adam, and a record every step
+        return super().from_params(preference, optimizer="adam", steps_per_report=1)
 
 
 # The preference.* keys that decide the run (the others belong to the pairs stage): the
@@ -341,46 +230,31 @@ RUN_KEYS = ("method", "beta", "learning_rate", "iters", "batch_size", "steps_per
 
 def run_fingerprint(preference: dict, model_dir: str | Path, pairs_dir: str | Path, *,
                     fast_cpu: bool, code: str) -> str:
-    """What a resumable preference run depends on: its params, every file of the model by
-    content, the pairs, and what computes each step (the fast CPU kernels on or off, the
-    code: see ``training.run_fingerprint``)."""
-    root, data = Path(model_dir), Path(pairs_dir)
-    return fingerprint("preference", CHECKPOINT_FORMAT, {k: preference.get(k) for k in RUN_KEYS},
-                       {"fast_cpu": bool(fast_cpu), "code": code},
-                       *[x for p in model_files(root) for x in (p.relative_to(root).as_posix(), p)],
-                       data / "train.jsonl", data / "valid.jsonl")
-
-
-# ---------------------------------------------------------------- the loop
-def make_step(model, optimizer, method: str, beta: float):
-    """A compiled step ``step(*batch, reference) -> (loss, accuracy, margin, ntoks)`` and the
-    state to evaluate after it (as ``training.make_step``, with the preference loss)."""
-    loss_and_grad = nn.value_and_grad(model, partial(batch_loss, method=method, beta=beta))
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(*batch):
-        (loss, accuracy, margin, ntoks), grads = loss_and_grad(model, *batch)
-        optimizer.update(model, grads)
-        return loss, accuracy, margin, ntoks
-
-    return step, state
+    """What a resumable preference run depends on (see ``checkpoint.run_fingerprint``)."""
+    return fingerprint_of(["preference", CHECKPOINT_FORMAT, {k: preference.get(k) for k in RUN_KEYS}],
+                          model_dir, pairs_dir, fast_cpu=fast_cpu, code=code)
 
 
 @dataclass
-class PreferenceResult:
-    base: dict            # the step-0 validation (the SFT model itself)
-    best: dict            # the validation of the adapter kept
-    best_iteration: int
-    stopped_at: int
-    stop_reason: str      # "early_stop" | "iters_done" (a non-finite loss raises PreferenceError)
-    resumed_from: int
-    history: list
-    train_seconds: float
-    reference_seconds: float
-    validation_seconds: float
-    peak_memory_gb: float
-    tokens_per_second: float
+class PreferenceResult(LoopResult):
+    reference_seconds: float = 0.0
+
+
+def reference_logps(model, train_pairs, valid_pairs, train_batches, valid_batches,
+                    cfg: PreferenceConfig, progress: Callable[[], None] | None = None):
+    """DPO's reference (the model with its adapters off): log-probabilities of the train
+    pairs, and of the valid pairs with their token counts. ORPO has none: zeros."""
+    if cfg.method != "dpo":
+        return (np.zeros((len(train_pairs), 2), np.float32), np.zeros((len(valid_pairs), 2), np.float32),
+                None)
+    with adapters_off(model):
+        # minutes on a CPU for a few hundred pairs: ``progress`` ticks per batch
+        train_ref, _ = pair_logps(model, train_pairs, train_batches, cfg.max_seq_length, progress)
+        valid_ref, valid_ntoks = pair_logps(model, valid_pairs, valid_batches, cfg.max_seq_length, progress)
+    if not (np.isfinite(train_ref).all() and np.isfinite(valid_ref).all()):
+        raise PreferenceError("the reference model gives non-finite log-probabilities: "
+                              "check models/fused (the fuse stage) and the pairs")
+    return train_ref, valid_ref, valid_ntoks
 
 
 def train_preference(model, train_pairs: list[Pair], valid_pairs: list[Pair], cfg: PreferenceConfig,
@@ -388,8 +262,7 @@ def train_preference(model, train_pairs: list[Pair], valid_pairs: list[Pair], cf
                      progress_bar=None, reference_progress: Callable[[], None] | None = None
                      ) -> PreferenceResult:
     """Train the freshly adapted ``model`` (its new LoRA layers untrained: B = 0) on the
-    pairs; the best adapter ends up in ``checkpoint.best_file``. ``log`` receives every
-    record (train and validation), replayed from the checkpoint on resume."""
+    pairs with ``loop.train``; the best adapter ends up in ``checkpoint.best_file``."""
     if cfg.method not in METHODS:
         raise PreferenceError(f"preference.method={cfg.method!r}: choose one of {', '.join(METHODS)}")
     check_counts(train_pairs, valid_pairs)
@@ -399,112 +272,28 @@ def train_preference(model, train_pairs: list[Pair], valid_pairs: list[Pair], cf
     # the reference, before any state is restored: the same batches as training and
     # validation, so that at step 0 policy and reference agree bit for bit
     tic = time.perf_counter()
-    if cfg.method == "dpo":
-        with adapters_off(model):
-            # minutes on a CPU for a few hundred pairs: ``reference_progress`` ticks per batch
-            train_ref, _ = pair_logps(model, train_pairs, train_batches, cfg.max_seq_length,
-                                      reference_progress)
-            valid_ref, valid_ntoks = pair_logps(model, valid_pairs, valid_batches, cfg.max_seq_length,
-                                                reference_progress)
-        if not (np.isfinite(train_ref).all() and np.isfinite(valid_ref).all()):
-            raise PreferenceError("the reference model gives non-finite log-probabilities: "
-                                  "check models/fused (the fuse stage) and the pairs")
-    else:  # ORPO has no reference
-        train_ref = np.zeros((len(train_pairs), 2), np.float32)
-        valid_ref, valid_ntoks = np.zeros((len(valid_pairs), 2), np.float32), None
+    train_ref, valid_ref, valid_ntoks = reference_logps(model, train_pairs, valid_pairs, train_batches,
+                                                        valid_batches, cfg, reference_progress)
     reference_seconds = time.perf_counter() - tic
 
-    optimizer = make_optimizer("adam", cfg.learning_rate)
-    optimizer.init(model.trainable_parameters())
-    stopping = EarlyStopping(cfg.patience, cfg.min_delta)
-    progress = Progress()
-    resumed = checkpoint.load()
-    if resumed:
-        progress, tensors = resumed
-        _restore_state(model, optimizer, tensors)
-        stopping = EarlyStopping(**progress.stopping)
-        print(f"resuming from the checkpoint at iteration {progress.iteration} "
-              f"(best val loss so far {stopping.best_loss:.4f} at {stopping.best_iter})")
-        for record in progress.history:
-            log(record)
-    resumed_from = progress.iteration
-    step, state = make_step(model, optimizer, cfg.method, cfg.beta)
-    timing = {"validation": 0.0}
+    def batches(start: int, rank: int, size: int):
+        # every process the whole batch: the preference stage runs on one process
+        for number in batch_order(len(train_batches), cfg.seed, start):
+            indices = train_batches[number]
+            tokens = sum(min(len(p[0]), cfg.max_seq_length) for i in indices for p in train_pairs[i])
+            yield (*collate_pairs(train_pairs, indices, cfg.max_seq_length), stacked(train_ref, indices)), tokens
 
-    def record(entry: dict) -> None:
-        progress.history.append(entry)
-        log(entry)
-
-    def validate(iteration: int, logps: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        tic = time.perf_counter()
-        if logps is None:
-            logps = pair_logps(model, valid_pairs, valid_batches, cfg.max_seq_length)
-        model.train()
-        stats = evaluate_pairs(cfg.method, cfg.beta, *logps, valid_ref)
-        timing["validation"] += time.perf_counter() - tic
-        finite = math.isfinite(stats["loss"])
-        # the best adapter is saved before ``log`` sees the record: what is kept is the
-        # adapter that was validated, whatever an observer of the record does
-        if finite and stopping.update(stats["loss"], iteration):
-            checkpoint.save_best(adapter_weights(model))
-        record({"step": iteration, **{f"val_{k}": v for k, v in stats.items()},
-                "val_pairs": len(valid_pairs), "val_tokens": int(logps[1].sum())})
-        if not finite:
-            raise PreferenceError(f"validation loss is {stats['loss']} at iteration {iteration}")
-
-    model.train()
-    if progress.iteration == 0:
+    def validate(iteration: int) -> dict:
         # DPO's policy is the reference at step 0: its validation is the reference's numbers
         # (a loss of exactly log 2), already computed in the same batches
-        validate(0, (valid_ref, valid_ntoks) if cfg.method == "dpo" else None)
+        logps = (valid_ref, valid_ntoks) if iteration == 0 and cfg.method == "dpo" else \
+            pair_logps(model, valid_pairs, valid_batches, cfg.max_seq_length)
+        stats = evaluate_pairs(cfg.method, cfg.beta, *logps, valid_ref)
+        return {**{f"val_{k}": v for k, v in stats.items()},
+                "val_pairs": len(valid_pairs), "val_tokens": int(logps[1].sum())}
 
-    order = train_order(len(train_batches), cfg.seed, start=progress.iteration)
-    stop_reason, iteration = "iters_done", progress.iteration
-    if progress_bar is not None:
-        progress_bar.update(progress.iteration)
-    for iteration in range(progress.iteration + 1, cfg.iters + 1):
-        indices = train_batches[next(order)]
-        batch = collate_pairs(train_pairs, indices, cfg.max_seq_length)
-        # step i's random stream (LoRA dropout) depends on (seed, i) alone
-        mx.random.seed(step_seed(cfg.seed, iteration))
-        tic = time.perf_counter()
-        loss, accuracy, margin, ntoks = step(*batch, stacked(train_ref, indices))
-        mx.eval(state, loss, accuracy, margin, ntoks)
-        elapsed = time.perf_counter() - tic
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise PreferenceError(
-                f"training loss is {loss_value} at iteration {iteration}; the best adapter so "
-                f"far (iteration {stopping.best_iter}, val loss {stopping.best_loss:.4f}) is "
-                f"kept in {checkpoint.best_file}. Lower preference.learning_rate or check the pairs")
-        progress.train_seconds += elapsed
-        tokens = sum(min(len(p[0]), cfg.max_seq_length) for i in indices for p in train_pairs[i])
-        record({"step": iteration, "train_loss": loss_value,
-                "train_reward_accuracy": accuracy.item(), "train_reward_margin": margin.item(),
-                "learning_rate": optimizer.learning_rate.item(),
-                "tokens_per_second": tokens / elapsed, "seconds_per_iteration": elapsed,
-                "peak_memory_gb": mx.get_peak_memory() / 1e9})
-        if progress_bar is not None:
-            progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{loss_value:.3f}", best_val=f"{stopping.best_loss:.3f}")
-
-        if iteration % cfg.steps_per_eval == 0 or iteration == cfg.iters:
-            validate(iteration)
-        progress.iteration = iteration
-        progress.stopping = asdict(stopping)
-        if stopping.should_stop:
-            stop_reason = "early_stop"
-            break
-        if iteration % cfg.save_every == 0 and iteration < cfg.iters:
-            checkpoint.save(progress, _state_tensors(model, optimizer))
-
-    validations = {r["step"]: r for r in progress.history if "val_loss" in r}
-    train_records = [r for r in progress.history if "tokens_per_second" in r]
-    return PreferenceResult(
-        base=validations[0], best=validations[stopping.best_iter], best_iteration=stopping.best_iter,
-        stopped_at=iteration, stop_reason=stop_reason, resumed_from=resumed_from,
-        history=progress.history, train_seconds=progress.train_seconds,
-        reference_seconds=reference_seconds, validation_seconds=timing["validation"],
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
-        tokens_per_second=float(np.median([r["tokens_per_second"] for r in train_records]))
-        if train_records else 0.0)
+    objective = Objective(partial(batch_loss, method=cfg.method, beta=cfg.beta), batches, validate,
+                          stats=("reward_accuracy", "reward_margin"),
+                          hint="Lower preference.learning_rate or check the pairs")
+    result = loop.train(model, cfg, objective, checkpoint, log, progress_bar)
+    return PreferenceResult(**vars(result), reference_seconds=reference_seconds)
