@@ -11,14 +11,12 @@ replaces it in one ``os.replace``; a failure leaves the old file as it was.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from voicetune.core.errors import UserError
+from voicetune.core.files import atomic_file
 
 MAX_SHOWN = 20  # problems listed in one message; the count says how many more there are
 
@@ -128,16 +126,6 @@ def dumps_jsonl(rows: Iterable[dict]) -> str:
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     """Write ``rows`` to ``path`` atomically (streamed to a temporary file, then one
     ``os.replace``): a failure midway leaves the old file, or none, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

