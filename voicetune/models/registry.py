@@ -5,10 +5,11 @@
     fused  models/fused                               the SFT adapters fused into the base weights
     dpo    models/fused + models/preference_adapters  the fused model under the preference adapters
 
-The evaluate stage, the chat, the arena, the ratings, the report, the votes and params.yaml's
-checks all read this table. dvc.yaml's ``evaluate`` foreach cannot import it and repeats it;
-tests/test_dvc_graph.py fails when the two disagree. No MLX here: params.yaml's validation
-reads these names in every stage (the loader is ``voicetune.models.loader``).
+The evaluate stage, the chat, the arena, the ratings, the report and the votes read this
+table. Two places repeat it because they cannot import it, each checked by a test that fails
+when they disagree: dvc.yaml's ``evaluate`` foreach (tests/test_dvc_graph.py) and params.yaml's
+schema in ``voicetune.core.params`` (core imports no other room; tests/models/test_registry.py).
+No MLX here, so light readers can import it (the loader is ``voicetune.models.loader``).
 """
 from __future__ import annotations
 
