@@ -38,3 +38,15 @@ def write_adapters(model_dir, out, scale_b: float):
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
     write_json_atomic(out / "adapter_config.json", config)
     return out
+
+
+def tiny_model_set(base_dir, root) -> dict:
+    """Every weight folder of the four models on a tiny base: adapters that change its answers,
+    their fused model, and preference adapters on that (dpo), under ``root``."""
+    from voicetune.models.fusion import fuse
+
+    adapters = write_adapters(base_dir, root / "adapters", scale_b=0.05)
+    fuse(base_dir, adapters, root / "fused")
+    preference = write_adapters(root / "fused", root / "preference_adapters", scale_b=0.05)
+    return {"base": base_dir, "adapters": adapters, "fused": root / "fused",
+            "preference_adapters": preference}

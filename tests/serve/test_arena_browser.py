@@ -285,16 +285,9 @@ def browser():
 def tiny(tiny_model_dir, tmp_path_factory) -> dict:
     """A tiny random base model, adapters that change its answers, their fused model, and
     preference adapters on that (dpo)."""
-    from voicetune.models.fusion import fuse
+    from tests.harness.models import tiny_model_set
 
-    from tests.harness.models import write_adapters
-
-    root = tmp_path_factory.mktemp("arena_models")
-    adapters = write_adapters(tiny_model_dir, root / "adapters", scale_b=0.05)
-    fuse(tiny_model_dir, adapters, root / "fused")
-    preference = write_adapters(root / "fused", root / "preference_adapters", scale_b=0.05)
-    return {"base": tiny_model_dir, "adapters": adapters, "fused": root / "fused",
-            "preference_adapters": preference}
+    return tiny_model_set(tiny_model_dir, tmp_path_factory.mktemp("arena_models"))
 
 
 @dataclass

@@ -15,11 +15,11 @@ import yaml
 from voicetune.serve.chat import Settings
 from voicetune.tools.chat import Chat
 from voicetune.models.loader import ChatModels
-from voicetune.models.fusion import fuse, load_float32
+from voicetune.models.fusion import load_float32
 from voicetune.models.generation import generate_batched, prompt_tokens
 
 from tests.conftest import PERSONA, ROOT
-from tests.harness.models import MANY_QUESTIONS, write_adapters
+from tests.harness.models import MANY_QUESTIONS, tiny_model_set
 
 SETTINGS = dict(max_tokens=10, temperature=0.0, seed=0, repetition_penalty=1.2)
 
@@ -27,12 +27,7 @@ SETTINGS = dict(max_tokens=10, temperature=0.0, seed=0, repetition_penalty=1.2)
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, tmp_path_factory) -> dict:
     """Paths of a tiny base model, adapters that change its answers, and their fused model."""
-    root = tmp_path_factory.mktemp("chat")
-    adapters = write_adapters(tiny_model_dir, root / "adapters", scale_b=0.05)
-    fuse(tiny_model_dir, adapters, root / "fused")
-    preference = write_adapters(root / "fused", root / "preference_adapters", scale_b=0.05)
-    return {"base": tiny_model_dir, "adapters": adapters, "fused": root / "fused",
-            "preference_adapters": preference}
+    return tiny_model_set(tiny_model_dir, tmp_path_factory.mktemp("chat"))
 
 
 def evaluate_answers(path, adapters, conversations, settings=SETTINGS):
