@@ -8,6 +8,8 @@ By default only the votes for the current weights count: every weight file behin
 models (base, SFT adapters, fused, preference adapters) must be the one dvc.lock records now,
 as the page wrote it into the vote (voicetune.data.votes.weights_match).
 No votes at all is no error: a fresh clone gets a table of nulls and a "no votes yet" plot.
+Each rating is also given style-controlled (length and markdown as covariates), and, when the
+voice stage has written metrics/voice.json (a dep), the table shows each model's voice score too.
 """
 import argparse
 import sys
@@ -41,6 +43,11 @@ def main() -> None:
               "(run the pipeline, or set arena.adapter: all)", file=sys.stderr)
     result = ratings.compute_ratings(votes, current, weights=identity, models=p["models"],
                                      rounds=p["rounds"], seed=p["seed"], skipped_lines=len(warnings))
+    voice = ratings.voice_models(ratings.VOICE)
+    # the voice scores of the listed models ride along, so the report's table needs one file
+    result["voice"] = None if voice is None else {
+        m: {"score": voice[m].get("score"), "gap_closed": voice[m].get("gap_closed")}
+        for m in result["models"] if m in voice}
     png = ratings.plot_png(result)
     # both computed before either is replaced: a failure keeps the last good pair
     write_json_atomic(METRICS, result)
@@ -50,7 +57,7 @@ def main() -> None:
         print("arena: no votes yet: run make arena")
     else:
         print(f"arena: {ratings.summary_note(result)}")
-        for line in ratings.markdown(result)[2:]:
+        for line in ratings.markdown(result, voice=result["voice"])[2:]:
             print(line)
     print(f"arena: {METRICS}, {PLOT}")
 

@@ -348,3 +348,131 @@ def test_the_arena_stage_depends_on_every_weight_file_a_vote_names():
     from voicetune.data.votes import WEIGHTS
 
     assert {path for _, path in WEIGHTS.values()} <= set(deps)
+
+
+# ------------------------------------------------------------------ style control and the voice column
+def texted(n: int, a: str, b: str, vote: str, len_a: int, len_b: int) -> list[dict]:
+    return [{**v, "answer_a": "x" * len_a, "answer_b": "x" * len_b} for v in votes(n, a, b, vote)]
+
+
+def length_decided_votes(n: int = 900, seed: int = 0) -> list[dict]:
+    """Equal models, lora writing twice base's length; P(a wins) = sigmoid(3 f_length)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b = ("lora", "base") if rng.random() < 0.5 else ("base", "lora")
+        len_a, len_b = (int(rng.lognormal(math.log(400 if m == "lora" else 200), 0.35)) + 1
+                        for m in (a, b))
+        p = 1 / (1 + math.exp(-3 * (len_a - len_b) / (len_a + len_b)))
+        out += texted(1, a, b, "A" if rng.random() < p else "B", len_a, len_b)
+    return out
+
+
+NEW_MODEL_KEYS = {"controlled_rating", "controlled_rating_ci_low", "controlled_rating_ci_high"}
+
+
+def without_style(result: dict) -> dict:
+    return {**{k: v for k, v in result.items() if k != "style_control"},
+            "models": {n: {k: v for k, v in m.items() if k not in NEW_MODEL_KEYS}
+                       for n, m in result["models"].items()}}
+
+
+def test_style_control_takes_out_a_length_preference():
+    result = compute_ratings(length_decided_votes(), CURRENT)
+    lora, style = result["models"]["lora"], result["style_control"]
+    assert lora["rating_ci_low"] > 1050  # raw: the longer model looks better
+    assert lora["controlled_rating_ci_low"] < 1000 < lora["controlled_rating_ci_high"]
+    assert abs(lora["controlled_rating"] - 1000) < 40
+    assert style["coefficients"]["length"]["ci_low"] > 1.5 and style["votes"] == 900
+    assert (style["without_texts"], style["anchor"], style["separated"]) == (0, "base", False)
+    assert result["models"]["base"]["controlled_rating"] == 1000.0
+
+
+def test_votes_without_texts_count_raw_and_are_left_out_of_style_control():
+    old = votes(30, "lora", "base", "A") + votes(10, "lora", "base", "B")
+    new = texted(12, "lora", "base", "A", 50, 40) + texted(8, "lora", "base", "B", 30, 45) \
+        + texted(3, "lora", "base", "both_bad", 10, 10)
+    result = compute_ratings(old + new, CURRENT)
+    assert result["used"] == 63 and result["models"]["lora"]["wins"] == 42  # all counted raw
+    assert (result["style_control"]["votes"], result["style_control"]["without_texts"]) == (20, 40)
+    assert result["models"]["lora"]["controlled_rating"] is not None
+    assert "over 20 vote(s) that recorded both answers (40 older vote(s) without them left out)" \
+        in ratings.summary_note(result)
+    # the answers' texts change no raw figure: every key metrics/arena.json had is as before
+    stripped = [{k: v for k, v in vote.items() if not k.startswith("answer_")} for vote in old + new]
+    plain = compute_ratings(stripped, CURRENT)
+    assert without_style(plain) == without_style(result)
+    assert plain["style_control"]["votes"] == 0 and plain["models"]["lora"]["controlled_rating"] is None
+    # none with the anchor: no controlled ratings rather than ones on another scale
+    other = compute_ratings(votes(5, "lora", "base", "A") + votes(3, "base", "lora", "A")
+                            + texted(4, "fused", "lora", "A", 9, 9) + texted(2, "lora", "fused", "A", 9, 9),
+                            CURRENT, models=["base", "lora", "fused"])
+    assert other["anchor"] == "base" and other["style_control"]["anchor"] is None
+    assert all(m["controlled_rating"] is None for m in other["models"].values())
+
+
+def test_no_votes_keeps_every_old_key_and_adds_style_control():
+    result = compute_ratings([], CURRENT, models=["base", "lora"])
+    assert result["style_control"] == {"votes": 0, "without_texts": 0, "anchor": None,
+                                       "separated": False, "coefficients": {
+                                           "length": None, "headers": None, "list_items": None,
+                                           "bold": None}}
+    assert list(result)[:-1] == ["votes", "used", "other_weights", "invalid", "skipped_lines",
+                                 "both_bad", "weights", "anchor", "rounds", "seed", "separated",
+                                 "models", "pairs"]
+
+
+VOICE = {"base": {"score": 0.21, "gap_closed": 0.0}, "lora": {"score": 0.58, "gap_closed": 0.4567},
+         "author": {"score": 0.9, "gap_closed": 1.0},
+         # the voice stage's form: the share with its interval
+         "dpo": {"score": 0.6, "gap_closed": {"value": 0.52, "ci95_low": 0.44, "ci95_high": 0.61}}}
+
+
+def test_voice_column_when_given_and_nothing_otherwise():
+    result = compute_ratings(texted(30, "lora", "base", "A", 50, 50) + texted(10, "lora", "base", "B", 50, 50)
+                             + votes(2, "fused", "base", "A"), CURRENT, models=["base", "lora", "fused"])
+    plain = ratings.markdown(result)
+    assert not any("voice" in line for line in plain)
+    assert all("voice_score" not in row for row in ratings.table_rows(result)["rows"])
+    text = ratings.markdown(result, voice=VOICE)
+    assert text[2].endswith("| voice score (share of the base→author gap closed) |")
+    assert text[3].count("---") == 11
+    lora = next(line for line in text if line.startswith("| lora |"))
+    assert lora.endswith("| 0.58 (46% of the gap) |")
+    assert next(line for line in text if line.startswith("| fused |")).endswith("| — |")
+    assert [line.rsplit(" |", 2)[0] for line in text[4:7]] == \
+        [line.rsplit(" |", 1)[0] for line in plain[4:7]]  # the other columns as without voice
+    dpo = next(line for line in ratings.markdown(compute_ratings(votes(3, "dpo", "lora", "A"), None),
+                                                voice=VOICE) if line.startswith("| dpo |"))
+    assert dpo.endswith("| 0.60 (52% of the gap, 95% CI 44% … 61%) |")
+    rows = {r["model"]: r for r in ratings.table_rows(result, VOICE)["rows"]}
+    from voicetune.serve.arena_ratings import ratings_fn  # the page's table passes it through
+
+    params = {"arena": {"adapter": "all", "models": ["base", "lora"], "rounds": 50, "seed": 0}}
+    assert ratings_fn(params, None, VOICE)(votes(2, "lora", "base", "A"))["rows"][1]["voice_score"] == 0.58
+    assert (rows["lora"]["voice_score"], rows["lora"]["voice_gap_closed"]) == (0.58, 0.4567)
+    assert rows["lora"]["voice_gap_closed_ci"] is None
+    assert rows["fused"]["voice_score"] is None and "author" not in rows
+    assert rows["lora"]["controlled_rating_ci"] is not None and rows["fused"]["controlled_rating"] is None
+
+
+def test_stage_adds_style_control_and_reads_the_voice_scores(tmp_path):
+    (tmp_path / "data/arena").mkdir(parents=True)
+    (tmp_path / "metrics").mkdir()
+    v = texted(6, "lora", "base", "A", 80, 40) + texted(3, "base", "lora", "A", 60, 50) \
+        + votes(4, "lora", "base", "B")
+    (tmp_path / "data/arena/votes.jsonl").write_text("".join(json.dumps(x) + "\n" for x in v))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "dvc.lock").write_text(
+        f"schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: models/adapters\n      md5: {ADAPTER}\n")
+    (tmp_path / "metrics/voice.json").write_text(json.dumps({"models": VOICE, "auc": 0.9}))
+    result = run_stage("arena.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics/arena.json").read_text())
+    assert (metrics["style_control"]["votes"], metrics["style_control"]["without_texts"]) == (9, 4)
+    assert metrics["models"]["lora"]["controlled_rating"] is not None
+    assert metrics["voice"] == {m: VOICE[m] for m in ("base", "lora")}  # the listed models'
+    assert "| 0.58 (46% of the gap) |" in result.stdout
+    (tmp_path / "metrics/voice.json").unlink()
+    assert run_stage("arena.py", cwd=tmp_path).returncode == 0
+    assert json.loads((tmp_path / "metrics/arena.json").read_text())["voice"] is None

@@ -252,8 +252,14 @@ def expect_ratings(page, votes: int) -> None:
     two battles counted per vote."""
     expect(page.locator("#ratings-note")).to_have_text(re.compile(rf"^{votes} vote\(s\) "))
     assert page.locator("#ratings tbody tr td:first-child").all_text_contents() == MODELS
-    battles = page.locator("#ratings tbody tr td:nth-child(4)").all_text_contents()
+    headers = page.locator("#ratings thead th").all_text_contents()
+    battles = page.locator(f"#ratings tbody tr td:nth-child({headers.index('battles') + 1})") \
+        .all_text_contents()
     assert sum(map(int, battles)) == 2 * votes
+    # the votes recorded both answers: every rated model is rated with style control too
+    rated, controlled = (page.locator(f"#ratings tbody tr td:nth-child({headers.index(name) + 1})")
+                         .all_text_contents() for name in ("rating", "style-controlled"))
+    assert [bool(c) for c in controlled] == [bool(r) for r in rated]
 
 
 def check_votes_file(path: Path, expected: dict[str, dict]) -> list[dict]:

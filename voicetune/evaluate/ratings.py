@@ -22,10 +22,17 @@ the report) and the arena page's table, so both show the same numbers.
 - 95% intervals: seeded bootstrap over the decided votes (resample with replacement, refit,
   2.5 and 97.5 percentiles), all rounds fitted at once as one batch of small Newton problems:
   500 votes x 1,000 rounds take about 25 ms, fast enough for the page's every refresh.
+- Style control (``voicetune.evaluate.style_control``): the same votes fitted again with the
+  two answers' length and markdown differences as covariates, each model's rating read with
+  them at zero (``controlled_rating``), and the covariates' coefficients (``style_control``).
+  Only votes that recorded both answers' texts enter it; older ones are counted
+  (``style_control.without_texts``) and stay in the raw fit.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,6 +43,7 @@ ANCHOR = "base"  # rated 1000 (else the first rated model of NAMES)
 ELO = 400 / math.log(10)  # logits -> Elo points
 RIDGE = 1e-4
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+VOICE = Path("metrics/voice.json")  # the voice score per model (the voice stage's)
 
 
 # ------------------------------------------------------------------------------ the fit
@@ -168,7 +176,7 @@ def compute_ratings(votes: list[dict], current: Callable[[dict], bool] | None = 
     recorded in the result. ``models``: the models always listed (arena.models), with or
     without votes; any other model with battles is listed too. A model without decided battles
     has null ratings. ``skipped_lines``: torn lines of the votes file, reported in the totals."""
-    usable, other_weights, invalid = [], 0, 0
+    usable, counted_votes, other_weights, invalid = [], [], 0, 0
     for vote in votes:
         if current is not None and not current(vote):
             other_weights += 1
@@ -178,10 +186,13 @@ def compute_ratings(votes: list[dict], current: Callable[[dict], bool] | None = 
             invalid += 1
         else:
             usable.append(battle)
+            counted_votes.append(vote)
     present = {m for a, b, _ in usable for m in (a, b)}
     listed = [m for m in NAMES if m in (models or ()) or m in present]
 
     decided = [(a, b, c) for a, b, c in usable if c != "both_bad"]
+    texted = [v for v in counted_votes if _battle(v)[2] != "both_bad"
+              and isinstance(v.get("answer_a"), str) and isinstance(v.get("answer_b"), str)]
     rated = [m for m in NAMES if any(m in (a, b) for a, b, _ in decided)]
     index = {m: i for i, m in enumerate(rated)}
     anchor = ANCHOR if ANCHOR in index else (rated[0] if rated else None)
@@ -219,17 +230,43 @@ def compute_ratings(votes: list[dict], current: Callable[[dict], bool] | None = 
             # never lost to (or never beat) the anchor's group: no finite MLE, the prior sets it
             ratings[m] = (rating, low, high, not (reach[a, i] and reach[i, a]))
 
+    style = _style_control(texted, anchor, rounds, seed, ridge)
     for m in listed:
         rating, low, high, unbounded = ratings[m]
+        c = style["models"].get(m) or {}
         result["models"][m] = {"rating": _round(rating, 2), "rating_ci_low": _round(low, 2),
                                "rating_ci_high": _round(high, 2), "unbounded": unbounded,
-                               **_record(usable, m)}
+                               **_record(usable, m),
+                               "controlled_rating": c.get("rating"),
+                               "controlled_rating_ci_low": c.get("rating_ci_low"),
+                               "controlled_rating_ci_high": c.get("rating_ci_high")}
     for i, old in enumerate(listed):
         for new in listed[i + 1:]:
             games = [g for g in usable if {g[0], g[1]} == {old, new}]
             if games:
                 result["pairs"][f"{new}_vs_{old}"] = _record(games, new)  # new's record
+    result["style_control"] = {"votes": style["battles"],
+                               "without_texts": len(decided) - len(texted),
+                               "anchor": style["anchor"], "separated": style["separated"],
+                               "coefficients": style["coefficients"]}
     return result
+
+
+def _style_control(texted: list[dict], anchor: str | None, rounds: int, seed: int,
+                   ridge: float) -> dict:
+    """The style-controlled fit of the decided votes that recorded both answers. Its ratings
+    count only when ``anchor`` (the raw table's) is among them: else they are null, not
+    silently rated from another anchor."""
+    from voicetune.evaluate import style_control  # it builds on this module's fit
+
+    battles = [{"a": v["model_a"], "b": v["model_b"],
+                "winner": {"A": "a", "B": "b", "tie": "tie"}[v["vote"]],
+                "text_a": v["answer_a"], "text_b": v["answer_b"]} for v in texted]
+    fitted = style_control.controlled(battles, anchor=anchor, rounds=rounds, seed=seed,
+                                      ridge=ridge)
+    if fitted["anchor"] != anchor:
+        fitted = {**fitted, "anchor": None, "models": {}}
+    return fitted
 
 
 # ------------------------------------------------------------------------------ showing it
@@ -248,7 +285,28 @@ def summary_note(result: dict, unbounded: bool = True) -> str:
                      f"bootstrap intervals ({result['rounds']} resamples, seed {result['seed']})")
     if unbounded and result["separated"]:
         parts.append(unbounded_note(result))
+    if result["anchor"] and result.get("style_control"):  # absent from an older arena.json
+        parts.append(style_note(result))
     return "; ".join(parts)
+
+
+def style_note(result: dict) -> str:
+    """What the style-controlled column counted, in words."""
+    style = result["style_control"]
+    note = (f"style-controlled: the same fit with length and markdown differences as covariates, "
+            f"read at zero, over {style['votes']} vote(s) that recorded both answers")
+    if style["without_texts"]:
+        note += f" ({style['without_texts']} older vote(s) without them left out)"
+    if style["anchor"] is None and style["votes"]:
+        note += f" (none of them with {result['anchor']}: no style-controlled ratings)"
+    length = style["coefficients"]["length"]
+    if length is not None:
+        note += (f", length coefficient {length['coefficient']:+.2f} logits (95% CI "
+                 f"{length['ci_low']:+.2f} … {length['ci_high']:+.2f})")
+    if style["separated"]:
+        note += (", which no finite fit explains (style alone or a model's record decides the "
+                 "votes): a weak prior holds it finite")
+    return note
 
 
 def unbounded_note(result: dict) -> str:
@@ -262,17 +320,60 @@ def unbounded_note(result: dict) -> str:
             "by a weak prior (it gives the direction, not the size)")
 
 
-def table_rows(result: dict) -> dict:
-    """The page's table: one row per model, and a note."""
+def voice_models(path: str | Path = VOICE) -> dict[str, dict] | None:
+    """The voice score of each model (metrics/voice.json's "models": at least "score" and
+    "gap_closed", a number or {"value", "ci95_low", "ci95_high"}), or None when the file does
+    not exist yet, or when it says the score is uninformative on this data (no result to show
+    beside the ratings; the report says why)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    voice = json.loads(path.read_text())
+    return voice.get("models") if voice.get("informative", True) else None
+
+
+def _gap_closed(v: dict) -> tuple[float | None, float | None, float | None]:
+    """(value, 95% low, 95% high) of a model's gap closed: a number, or voice.json's
+    {"value", "ci95_low", "ci95_high"}."""
+    gap = v.get("gap_closed")
+    if isinstance(gap, dict):
+        return gap.get("value"), gap.get("ci95_low"), gap.get("ci95_high")
+    return gap, None, None
+
+
+def _voice_text(voice: dict | None, model: str) -> str:
+    v = (voice or {}).get(model)
+    if not v or v.get("score") is None:
+        return "—"
+    gap, low, high = _gap_closed(v)
+    if gap is None:
+        return f"{v['score']:.2f}"
+    ci = "" if low is None else f", 95% CI {low:.0%} … {high:.0%}"
+    return f"{v['score']:.2f} ({gap:.0%} of the gap{ci})"
+
+
+def table_rows(result: dict, voice: dict[str, dict] | None = None) -> dict:
+    """The page's table: one row per model, and a note. ``voice``: model -> {"score",
+    "gap_closed"} (``voice_models``); when given, each row gains them (None when missing)."""
     rows = []
     for name, m in result["models"].items():
         ci = [m["rating_ci_low"], m["rating_ci_high"]] if m["rating_ci_low"] is not None else None
-        rows.append({"model": name, "rating": m["rating"], "rating_ci": ci,
-                     "unbounded": m["unbounded"],
-                     **{k: m[k] for k in ("battles", "wins", "ties", "losses", "both_bad",
-                                          "win_rate")},
-                     "win_rate_ci": [m["win_rate_ci_low"], m["win_rate_ci_high"]]
-                     if m["win_rate"] is not None else None})
+        controlled_ci = ([m["controlled_rating_ci_low"], m["controlled_rating_ci_high"]]
+                         if m.get("controlled_rating_ci_low") is not None else None)
+        row = {"model": name, "rating": m["rating"], "rating_ci": ci,
+               "controlled_rating": m.get("controlled_rating"),
+               "controlled_rating_ci": controlled_ci,
+               "unbounded": m["unbounded"],
+               **{k: m[k] for k in ("battles", "wins", "ties", "losses", "both_bad",
+                                    "win_rate")},
+               "win_rate_ci": [m["win_rate_ci_low"], m["win_rate_ci_high"]]
+               if m["win_rate"] is not None else None}
+        if voice is not None:
+            v = voice.get(name) or {}
+            gap, low, high = _gap_closed(v)
+            row |= {"voice_score": v.get("score"), "voice_gap_closed": gap,
+                    "voice_gap_closed_ci": None if low is None else [low, high]}
+        rows.append(row)
     return {"rows": rows, "note": summary_note(result)}
 
 
@@ -280,18 +381,29 @@ def _num(x, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
-def markdown(result: dict, plot: str | None = None) -> list[str]:
-    """The ratings as markdown lines (the report's arena section)."""
+def markdown(result: dict, plot: str | None = None,
+             voice: dict[str, dict] | None = None) -> list[str]:
+    """The ratings as markdown lines (the report's arena section): each rating without and
+    with style control; ``voice`` (``voice_models``) adds each model's voice score."""
+    voice_head, voice_rule = ((" voice score (share of the base→author gap closed) |", "---|")
+                              if voice is not None else ("", ""))
     lines = [summary_note(result, unbounded=False) + ".", "",
-             "| model | rating | 95% CI | battles | wins / ties / losses | both bad | win rate "
-             "| 95% CI |", "|---|---|---|---|---|---|---|---|"]
+             "| model | rating | 95% CI | style-controlled | 95% CI | battles "
+             "| wins / ties / losses | both bad | win rate | 95% CI |" + voice_head,
+             "|---|---|---|---|---|---|---|---|---|---|" + voice_rule]
     for name, m in result["models"].items():
+        m = {"controlled_rating": None, "controlled_rating_ci_low": None,
+             "controlled_rating_ci_high": None, **m}  # an older arena.json has none
         lines.append(
             f"| {name} | {_num(m['rating'], '.0f')}{' *' if m['unbounded'] else ''} | "
             f"{_num(m['rating_ci_low'], '.0f')} … "
-            f"{_num(m['rating_ci_high'], '.0f')} | {m['battles']} | {m['wins']} / {m['ties']} / "
+            f"{_num(m['rating_ci_high'], '.0f')} | {_num(m['controlled_rating'], '.0f')} | "
+            f"{_num(m['controlled_rating_ci_low'], '.0f')} … "
+            f"{_num(m['controlled_rating_ci_high'], '.0f')} | {m['battles']} | "
+            f"{m['wins']} / {m['ties']} / "
             f"{m['losses']} | {m['both_bad']} | {_num(m['win_rate'], '.1%')} | "
-            f"{_num(m['win_rate_ci_low'], '.1%')} … {_num(m['win_rate_ci_high'], '.1%')} |")
+            f"{_num(m['win_rate_ci_low'], '.1%')} … {_num(m['win_rate_ci_high'], '.1%')} |"
+            + (f" {_voice_text(voice, name)} |" if voice is not None else ""))
     if result["separated"]:
         lines += ["", "\\* " + unbounded_note(result) + "."]
     if plot:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from voicetune.data.votes import counted
 
 
-def ratings_fn(params: dict, identity: dict | None):
+def ratings_fn(params: dict, identity: dict | None, voice: dict[str, dict] | None = None):
     """votes -> the table the page shows: the arena stage's own computation (``identity``:
-    the weights' md5s in dvc.lock; None, models given by path: every vote counts)."""
+    the weights' md5s in dvc.lock; None, models given by path: every vote counts). ``voice``:
+    each model's voice score (``ratings.voice_models()``), a column of the table when given."""
     from voicetune.evaluate.ratings import compute_ratings, table_rows
 
     arena = params["arena"]
@@ -16,5 +17,5 @@ def ratings_fn(params: dict, identity: dict | None):
     def ratings(votes):
         result = compute_ratings(votes, current, weights=identity, models=arena["models"],
                                  rounds=arena["rounds"], seed=arena["seed"])
-        return table_rows(result)
+        return table_rows(result, voice)
     return ratings

@@ -11,6 +11,7 @@ from pathlib import Path
 from voicetune.core.errors import UserError
 from voicetune.data.votes import weights_identity
 from voicetune.evaluate.questions import battle_questions
+from voicetune.evaluate.ratings import voice_models
 from voicetune.serve.arena_ratings import ratings_fn
 
 
@@ -72,7 +73,10 @@ def serve(params: dict, *, host: str, port: int, votes: str | Path, test: str | 
                          system=system or params["data"]["system_prompt"], settings=settings,
                          temperature=temperature, votes=Path(votes), weights=identity,
                          questions=battle_questions(test),
-                         ratings=ratings_fn(params, identity))
+                         ratings=ratings_fn(params, identity,
+                                            # the voice scores are the pipeline's models': not
+                                            # shown beside models given by path
+                                            voice=voice_models() if check else None))
     app = create_app(Engine(mlx_answer_fn(models)), config)
     print(f"arena: http://{host}:{port}  (votes -> {votes}; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

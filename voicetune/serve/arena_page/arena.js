@@ -134,11 +134,19 @@ async function refreshRatings() {
     const body = $("#ratings tbody");
     body.replaceChildren();
     const rows = (r.table && r.table.rows) || [];
+    const voice = rows.some((row) => "voice_score" in row);  // only when the server has scores
+    $("#voice-column").hidden = !voice;
     for (const row of rows) {
       const tr = document.createElement("tr");
-      const cells = [row.model, fmt(row.rating, 0), row.rating_ci ? `${fmt(row.rating_ci[0], 0)} … ${fmt(row.rating_ci[1], 0)}` : "",
+      const cells = [row.model, fmt(row.rating, 0), interval(row.rating_ci),
+        fmt(row.controlled_rating, 0), interval(row.controlled_rating_ci),
         row.battles, row.wins, row.ties, row.losses, row.both_bad,
         row.win_rate == null ? "" : `${fmt(100 * row.win_rate, 0)}%`];
+      if (voice) {
+        cells.push(row.voice_score == null ? "" : fmt(row.voice_score, 2) +
+          (row.voice_gap_closed == null ? "" : ` (${fmt(100 * row.voice_gap_closed, 0)}% of the gap)`) +
+          (row.voice_gap_closed_ci ? ` ${fmt(100 * row.voice_gap_closed_ci[0], 0)} … ${fmt(100 * row.voice_gap_closed_ci[1], 0)}%` : ""));
+      }
       for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
       body.appendChild(tr);
     }
@@ -150,6 +158,8 @@ async function refreshRatings() {
 }
 
 function fmt(x, digits) { return x == null ? "" : Number(x).toFixed(digits); }
+
+function interval(ci) { return ci ? `${fmt(ci[0], 0)} … ${fmt(ci[1], 0)}` : ""; }
 
 // ------------------------------------------------------------------ chat
 function chatModels() {
