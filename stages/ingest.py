@@ -21,6 +21,7 @@ from voicetune.core.files import write_json_atomic
 from voicetune.core.jsonl import write_jsonl
 from voicetune.core.params import load_params
 from voicetune.data.posts import read_posts, split_passages
+from voicetune.models import generators
 
 from tqdm import tqdm  # noqa: E402
 
@@ -49,9 +50,9 @@ def main() -> int:
     if not p["endpoint"]:
         blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
         kernels.enable(params["kernels"]["fast_cpu"])
-    elif warning := ingest.credentials_warning(p["endpoint"]):
+    elif warning := generators.credentials_warning(p["endpoint"], "ingest"):
         print(f"WARNING: {warning}", file=sys.stderr)
-    generator = ingest.make_generator(p, args.model)
+    generator = generators.make_generator(p, args.model, "ingest")
     # replies: each passage's questions, then an answer per question
     with tqdm(total=len(passages) * (1 + p["questions"]), desc="ingest", unit="reply") as bar:
         rows, metrics = ingest.run(posts, passages, params["data"]["system_prompt"], generator, p,

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,13 +16,15 @@ import pytest
 import yaml
 
 from voicetune.data import ingest
-from voicetune.data.ingest import IngestError, Reply, check_answer, parse_questions
+from voicetune.data.ingest import IngestError, check_answer, parse_questions
+from voicetune.models import generators
+from voicetune.models.generators import Reply
 from voicetune.core.jsonl import dumps_jsonl
 from voicetune.core.params import load_params
 from voicetune.data.posts import read_posts, split_passages
 
 from tests.conftest import ROOT
-from tests.harness.fakes import Fake, FakeOpenAI
+from tests.harness.fakes import Fake, FakeOpenAI, mlx_lm_server, serving
 
 P = load_params(ROOT / "params.yaml")["ingest"]
 PERSONA = "You are Sam, who keeps bees."
@@ -201,12 +202,9 @@ def test_the_cache_key_covers_generator_persona_prompt_and_generation_params(tmp
 # ------------------------------------------------------------------------------ endpoints
 @pytest.fixture
 def fake_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     FakeOpenAI.seen_auth, FakeOpenAI.seen_paths = [], []
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with serving(FakeOpenAI) as url:
+        yield url
 
 
 def stage_project(tmp_path: Path, **ingest_params) -> Path:
@@ -253,8 +251,8 @@ def test_the_stage_through_an_endpoint_never_writes_the_api_key(tmp_path, fake_s
     ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"),
 ])
 def test_safe_url_drops_credentials(url, shown):
-    assert ingest.safe_url(url) == shown
-    assert ingest.has_credentials(url) == (shown != url)
+    assert generators.safe_url(url) == shown
+    assert generators.has_credentials(url) == (shown != url)
 
 
 def test_credentials_in_the_endpoint_url_are_never_written_or_printed(tmp_path, fake_server):
@@ -284,8 +282,8 @@ def test_credentials_in_the_endpoint_url_are_never_written_or_printed(tmp_path, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    gen = ingest.Endpoint(f"http://bob:{secrets[0]}@127.0.0.1:{port}/v1?key={secrets[1]}", "m", None,
-                          timeout=5.0, max_tokens=8, temperature=0.0, seed=0)
+    gen = generators.Endpoint(f"http://bob:{secrets[0]}@127.0.0.1:{port}/v1?key={secrets[1]}", "m", None,
+                          timeout=5.0, max_tokens=8, temperature=0.0, seed=0, section="ingest")
     with pytest.raises(IngestError) as err:
         gen.complete([[{"role": "user", "content": "Hello?"}]])
     assert f"ingest.endpoint http://***@127.0.0.1:{port}/v1?key=***: cannot connect" in str(err.value)
@@ -318,7 +316,8 @@ def test_a_web_server_that_is_no_openai_api_says_what_was_expected_where(handler
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        gen = ingest.Endpoint(url, "m", None, timeout=5.0, max_tokens=8, temperature=0.0, seed=0)
+        gen = generators.Endpoint(url, "m", None, timeout=5.0, max_tokens=8, temperature=0.0,
+                                  seed=0, section="ingest")
         with pytest.raises(IngestError) as err:
             gen.complete([[{"role": "user", "content": "Hello?"}]])
     finally:
@@ -335,7 +334,7 @@ def test_an_unset_key_variable_is_a_clear_error(monkeypatch, fake_server):
     p = {**P, "endpoint": fake_server, "api_key_env": "VOICETUNE_TEST_UNSET"}
     with pytest.raises(IngestError, match="VOICETUNE_TEST_UNSET, which is not set; export "
                                           "VOICETUNE_TEST_UNSET=<your key>"):
-        ingest.make_generator(p, "models/base")  # before anything is read or written
+        generators.make_generator(p, "models/base", "ingest")  # before anything is read or written
     assert FakeOpenAI.seen_auth == []
 
 
@@ -344,54 +343,17 @@ def test_an_unreachable_endpoint_is_a_clear_error_naming_it():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    gen = ingest.Endpoint(url, "m", None, timeout=5.0, max_tokens=8, temperature=0.0, seed=0)
+    gen = generators.Endpoint(url, "m", None, timeout=5.0, max_tokens=8, temperature=0.0, seed=0,
+                              section="ingest")
     with pytest.raises(IngestError, match=f"ingest.endpoint {url}: cannot connect .*start the server"):
         gen.complete([[{"role": "user", "content": "Hello?"}]])
 
 
 # ------------------------------------------------------------------------------ a real server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlx_server(base_model_dir):
-    """mlx_lm.server serving the embedded model on 127.0.0.1 (started through the package so
-    that it gets the OpenBLAS preload); its base URL once it answers."""
-    port = free_port()
-    code = ("import sys, voicetune; from mlx_lm.server import main; "
-            f"sys.argv = ['mlx_lm.server', '--model', {str(base_model_dir)!r}, '--host', '127.0.0.1', "
-            f"'--port', '{port}']; main()")
-    # one BLAS thread: decoding one request of a 135M model gains nothing from more, and on a
-    # shared CPU their spin-waiting made it ~4x slower (16 tokens: 50 s, not 14 s)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
-
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"mlx_lm.server exited: {proc.stderr.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("mlx_lm.server did not answer within 120 s")
-            time.sleep(0.5)
+    with mlx_lm_server(base_model_dir) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.slow
@@ -441,7 +403,7 @@ def test_end_to_end_through_mlx_lm_server(tmp_path, mlx_server):
     # the default, stricter thresholds filter the same cached replies: nothing is generated
     strict = {**p, **{k: P[k] for k in lenient}}
     posts, _ = read_posts(tmp_path / "posts")
-    gen = ingest.make_generator(strict, "unused: not in-process")
+    gen = generators.make_generator(strict, "unused: not in-process", "ingest")
     _, again = ingest.run(posts, split_passages(posts[0], p["max_words"], p["min_words"]), PERSONA,
                           gen, strict, tmp_path / "cache/ingest")
     assert again["cache_hits"] == 1 and again["pairs"] <= metrics["pairs"]

@@ -1,14 +1,25 @@
-"""Stand-ins for what the data tests would otherwise reach over the network: a generator, an
-OpenAI-compatible endpoint serving it, and the Hugging Face hub client."""
+"""Stand-ins for what the tests would otherwise reach over the network: a generator, an
+OpenAI-compatible endpoint serving it, and the Hugging Face hub client; and the real
+OpenAI-compatible server, mlx_lm.server, started on 127.0.0.1 for the tests that need one."""
 from __future__ import annotations
 
+import contextlib
 import json
-from http.server import BaseHTTPRequestHandler
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
-from voicetune.data.ingest import Reply
+import pytest
 
-from tests.conftest import qa, write_jsonl
+from voicetune.models.generators import Reply
+
+from tests.conftest import ROOT, qa, write_jsonl
 
 
 class Fake:
@@ -16,6 +27,7 @@ class Fake:
     after ``fail_after`` calls (a killed run)."""
 
     name = identity = "fake generator"
+    settings: dict = {}
 
     def __init__(self, fail_after: int | None = None, shared_question: str | None = None):
         self.calls, self.chats, self.fail_after = 0, [], fail_after
@@ -44,16 +56,22 @@ class Fake:
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
-    """/v1/chat/completions answering like Fake, recording the Authorization headers."""
+    """/v1/chat/completions answering like Fake, recording the Authorization headers, the
+    paths and the messages of every request."""
 
     seen_auth: list = []
     seen_paths: list = []
+    seen_messages: list = []
+
+    def answer(self, messages: list[dict]) -> Reply:
+        return Fake().complete([messages])[0]
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeOpenAI.seen_auth.append(self.headers.get("Authorization"))
-        FakeOpenAI.seen_paths.append(self.path)
-        reply = Fake().complete([body["messages"]])[0]
+        type(self).seen_auth.append(self.headers.get("Authorization"))
+        type(self).seen_paths.append(self.path)
+        type(self).seen_messages.append(body["messages"])
+        reply = self.answer(body["messages"])
         data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                            "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                                         "message": {"role": "assistant", "content": reply.text}}],
@@ -66,6 +84,77 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class FakeJudge(FakeOpenAI):
+    """A judge: ``choose(first, second)`` -> its reply, given the two answers the judge prompt
+    shows ("Answer A:\n...\n\nAnswer B:\n...\n\n"). Records what FakeOpenAI records."""
+
+    seen_auth: list = []
+    seen_paths: list = []
+    seen_messages: list = []
+    choose = staticmethod(lambda first, second: "A")
+
+    def answer(self, messages):
+        text = messages[-1]["content"]
+        first = text.split("Answer A:\n", 1)[1].split("\n\nAnswer B:\n", 1)[0]
+        second = text.split("\n\nAnswer B:\n", 1)[1].rsplit("\n\n", 1)[0]
+        return Reply(type(self).choose(first, second), "stop")
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering with ``handler``; its /v1 base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlx_lm_server(model_dir: Path) -> Iterator[str]:
+    """mlx_lm.server serving ``model_dir`` on 127.0.0.1 (started through the package so that
+    it gets the OpenBLAS preload); its base URL once it answers."""
+    import httpx
+
+    port = free_port()
+    code = ("import sys, voicetune; from mlx_lm.server import main; "
+            f"sys.argv = ['mlx_lm.server', '--model', {str(model_dir)!r}, '--host', '127.0.0.1', "
+            f"'--port', '{port}']; main()")
+    # one BLAS thread: decoding one request of a 135M model gains nothing from more, and on a
+    # shared CPU their spin-waiting made it ~4x slower (16 tokens: 50 s, not 14 s)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"mlx_lm.server exited: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("mlx_lm.server did not answer within 120 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -5,11 +5,8 @@ reader would ask (one call per passage, a numbered list), then one answer per qu
 author's first-person voice, given the passage and the persona (``data.system_prompt``). Small
 models do not follow "reply as JSON"; a numbered list of lines ending in "?" they do.
 
-The generator is the pipeline's own base model in-process (offline, batched with
-``generation.generate_batched``) or any OpenAI-compatible chat endpoint (``mlx_lm.server``,
-Ollama, llama.cpp's server, a hosted API whose key is read from the environment, never stored).
-A key written into the URL itself (``user:key@``, ``?api_key=``) is sent, but shown as ``***``
-wherever the URL is written or printed (``safe_url``).
+The generator is the pipeline's own base model in-process or any OpenAI-compatible chat
+endpoint (``voicetune.models.generators``, shared with the judge).
 
 Every pair is validated; a rejected one is counted under its reason (``REASONS``). The raw
 replies are cached per passage under ``cache/ingest/`` (outside DVC's outputs), keyed by a
@@ -19,19 +16,14 @@ passages, a killed run resumes, and changing a validation threshold regenerates 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
-import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from voicetune.data.qa import normalized
-from voicetune.core.errors import UserError
 from voicetune.core.files import write_json_atomic
+from voicetune.models.generators import GeneratorError, Reply, cache_digest, read_record
 
 # Bump when a prompt's wording changes: it is part of every cache key and every pair's provenance.
 PROMPT_VERSION = "ingest-v1"
@@ -50,6 +42,9 @@ REASONS = {
     "copied": "over ingest.max_copied of the answer is verbatim runs of the passage",
     "not_first_person": "the answer never speaks as the author (no I, me, my, we, our)",
 }
+# the generator's errors (an endpoint that fails, a missing model), by the name ingest's callers know
+IngestError = GeneratorError
+
 COPY_RUN = 6  # words: a shared run this long is copying, not a phrase that happens to recur
 
 # Words that carry no content: grounding compares what remains. A short list on purpose;
@@ -64,16 +59,6 @@ them themselves then there these they this those through to too under until up v
 were what when where which while who whom why will with would you your yours yourself
 yourselves one get got make made thing things much many way even well still back know think
 """.split())
-
-
-class IngestError(UserError, ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    finish_reason: str  # "stop" (ended by itself) or "length" (hit max_tokens)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -91,188 +76,6 @@ def answer_chat(persona: str, text: str, question: str) -> list[dict]:
             {"role": "user", "content": (
                 f"{question}\n\nAnswer as the author, in the first person (I, my), in 2 to 4 "
                 "sentences, using what you wrote.")}]
-
-
-# ------------------------------------------------------------------------------ generators
-class InProcess:
-    """The base model in this process: batched, greedy or seeded sampling."""
-
-    def __init__(self, model_dir: str | Path, max_tokens: int, temperature: float, seed: int,
-                 repetition_penalty: float | None):
-        model_dir = Path(model_dir)
-        if not (model_dir / "tokenizer_config.json").is_file():
-            raise IngestError(f"{model_dir}: no model folder (no tokenizer_config.json); build it "
-                              "with `dvc repro base_model`, or set ingest.endpoint to a server")
-        from mlx_lm.utils import load
-
-        self.model, self.tokenizer = load(str(model_dir))
-        self.settings = dict(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                             repetition_penalty=repetition_penalty)
-        try:
-            source = json.loads((model_dir / "source.json").read_text())["source"]
-        except (OSError, ValueError, KeyError, TypeError):
-            source = str(model_dir)
-        self.name = f"in-process {model_dir.as_posix()} ({source})"
-        # the weights themselves: a retrained or replaced models/base must not reuse the cache
-        digest = hashlib.sha256()
-        for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
-            digest.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    digest.update(chunk)
-        self.identity = f"{self.name} sha256:{digest.hexdigest()}"
-
-    def complete(self, chats: list[list[dict]], progress: Callable[[int], None] | None = None
-                 ) -> list[Reply]:
-        """One reply per chat; ``progress(1)`` as each one is finished."""
-        from voicetune.models.generation import generate_batched, prompt_tokens
-
-        prompts = [prompt_tokens(self.tokenizer, chat) for chat in chats]
-        # every prompt of the call in one continuous batch: on a CPU, decoding 24 answers at
-        # once costs little more than decoding 8
-        out = generate_batched(self.model, self.tokenizer, prompts, **self.settings,
-                               batch_size=max(1, min(len(prompts), 64)), progress=progress)
-        return [Reply(o["prediction"], o["finish_reason"]) for o in out]
-
-
-# a query parameter whose name holds one of these carries a secret: api_key, key, access_token,
-# token, sig, X-Amz-Signature, password, client_secret, auth, session...
-_SECRET_NAME = re.compile(r"key|token|secret|pass|pwd|auth|sig|credential|session", re.IGNORECASE)
-
-
-def has_credentials(url: str) -> bool:
-    """Whether ``url`` holds what ``safe_url`` hides."""
-    parts = urlsplit(url)
-    return "@" in parts.netloc or any(_SECRET_NAME.search(item.partition("=")[0])
-                                      for item in parts.query.split("&") if item)
-
-
-def safe_url(url: str) -> str:
-    """``url`` as it may be written or printed: credentials in it (``user:key@``, and the values
-    of query parameters named like a key or a token) replaced by ``***``. The request itself
-    still uses the URL as given; the key belongs in the variable ingest.api_key_env names."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = "&".join(f"{name}=***" if _SECRET_NAME.search(name) else
-                     (f"{name}={value}" if sep else name)
-                     for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def credentials_warning(endpoint: str) -> str | None:
-    """What to say when ingest.endpoint holds credentials (None: it holds none)."""
-    if not has_credentials(endpoint):
-        return None
-    # written nowhere by this stage; but DVC records the ingest params in dvc.lock
-    return (f"ingest.endpoint holds credentials ({safe_url(endpoint)}): params.yaml and dvc.lock, "
-            "which git tracks, keep them as written; put the key in an environment variable and "
-            "name it in ingest.api_key_env")
-
-
-def _detail(err) -> str:
-    """The server's own words for an HTTP error, short: an API's JSON error message, else the
-    body's text without markup (a plain web server's error page)."""
-    body = getattr(err, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        text = inner.get("message") or inner.get("detail") if isinstance(inner, dict) else inner
-    else:
-        text = body
-    if not isinstance(text, str) or not text.strip():
-        text = getattr(err.response, "text", "") or ""
-    text = re.sub(r"<head.*?</head>", " ", text, flags=re.DOTALL | re.IGNORECASE)
-    text = " ".join(re.sub(r"<[^>]*>", " ", text).split())
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-class Endpoint:
-    """An OpenAI-compatible chat endpoint, one request at a time."""
-
-    def __init__(self, url: str, model: str, api_key_env: str | None, timeout: float,
-                 max_tokens: int, temperature: float, seed: int):
-        import openai
-
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise IngestError(f"ingest.api_key_env names the environment variable {api_key_env}, "
-                                  f"which is not set; export {api_key_env}=<your key> before running "
-                                  "(the key is read from there and never written anywhere), or set "
-                                  "ingest.api_key_env: null for a local server")
-        else:
-            key = "none"  # local servers need none; never fall back to OPENAI_API_KEY silently
-        # written and printed: safe_url; the cache key too, so that a new key keeps the cache
-        self.url, self.model, self.timeout = safe_url(url), model, timeout
-        parts = urlsplit(url)  # a query (?api-version=..., ?key=...) goes with every request
-        base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-        self.chat_url = safe_url(urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/")
-                                             + "/chat/completions", parts.query, "")))
-        self.client = openai.OpenAI(base_url=base, api_key=key, timeout=timeout, max_retries=1,
-                                    default_query=dict(parse_qsl(parts.query, keep_blank_values=True)) or None)
-        self.settings = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        self.name = self.identity = f"endpoint {self.url} model {model}"
-
-    def complete(self, chats: list[list[dict]], progress: Callable[[int], None] | None = None
-                 ) -> list[Reply]:
-        """One reply per chat, a request each; ``progress(1)`` after each."""
-        import openai
-
-        replies = []
-        for chat in chats:
-            try:
-                r = self.client.chat.completions.create(model=self.model, messages=chat, **self.settings)
-            except openai.APITimeoutError:
-                raise IngestError(f"ingest.endpoint {self.url}: no reply within {self.timeout:g} s "
-                                  "(ingest.timeout), tried twice; is the server busy or stuck? A "
-                                  "small model on a loaded CPU may need a larger ingest.timeout") from None
-            except openai.APIConnectionError as err:
-                base = str(self.client.base_url)
-                cause = str(err.__cause__ or err).replace(base, safe_url(base))
-                raise IngestError(f"ingest.endpoint {self.url}: cannot connect ({cause}); "
-                                  "start the server (e.g. `python -m mlx_lm.server --model models/base "
-                                  "--port 8080` for http://127.0.0.1:8080/v1) or fix ingest.endpoint; "
-                                  "null generates in-process") from None
-            except openai.AuthenticationError as err:
-                raise IngestError(f"ingest.endpoint {self.url}: the key was refused ({err.status_code}); "
-                                  "check the variable that ingest.api_key_env names") from None
-            except openai.APIStatusError as err:
-                detail = _detail(err)
-                if err.status_code in (404, 405, 501):  # no such path or method: not this API here
-                    raise self._not_an_api(f"answered HTTP {err.status_code}"
-                                           + (f" ({detail})" if detail else "")) from None
-                raise IngestError(f"ingest.endpoint: {self.chat_url} answered HTTP {err.status_code} "
-                                  f"for model {self.model!r}: {detail or 'no details'}") from None
-            try:
-                choice = r.choices[0]
-                text, finish = choice.message.content, choice.finish_reason
-            except (AttributeError, IndexError, TypeError, KeyError):
-                raise self._not_an_api("answered, but not with a chat completion "
-                                       f"({' '.join(str(r).split())[:80]!r})") from None
-            replies.append(Reply(text or "", "length" if finish == "length" else "stop"))
-            if progress:
-                progress(1)
-        return replies
-
-
-    def _not_an_api(self, what: str) -> IngestError:
-        return IngestError(
-            f"ingest.endpoint: {self.chat_url} {what}: expected an OpenAI-compatible chat "
-            "completions API there (llama.cpp's server, Ollama, vLLM, mlx_lm.server, a hosted "
-            "API). Set ingest.endpoint to the API's base URL, the part before /chat/completions, "
-            "usually ending in /v1 (mlx_lm.server: http://127.0.0.1:8080/v1, Ollama: "
-            f"http://127.0.0.1:11434/v1), and ingest.endpoint_model (now {self.model!r}) to a "
-            "model it serves; null generates in-process")
-
-
-def make_generator(p: dict, model_dir: str | Path):
-    """The generator that the ``ingest`` params ``p`` ask for."""
-    if p["endpoint"]:
-        return Endpoint(p["endpoint"], p["endpoint_model"], p["api_key_env"], p["timeout"],
-                        p["max_tokens"], p["temperature"], p["seed"])
-    return InProcess(model_dir, p["max_tokens"], p["temperature"], p["seed"],
-                     p["repetition_penalty"])
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -380,15 +183,7 @@ def cache_key(passage, title: str | None, persona: str, generator_identity: str,
                                                                       passage.text, p["questions"]),
             "persona": persona, "generator": generator_identity, "prompt_version": PROMPT_VERSION,
             **{k: p[k] for k in GENERATION_KEYS}}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def read_cached(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # absent, or unreadable: generated again
-    return record if isinstance(record, dict) and record.get("prompt_version") == PROMPT_VERSION else None
+    return cache_digest(what)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -407,7 +202,7 @@ def generate(passages: list, titles: dict[str, str | None], persona: str, genera
     todo = []
     for i, passage in enumerate(passages):
         key = cache_key(passage, titles.get(passage.post_id), persona, generator.identity, p)
-        records[i] = read_cached(cache_dir / f"{key}.json")
+        records[i] = read_record(cache_dir / f"{key}.json", PROMPT_VERSION)
         if records[i] is None:
             todo.append((i, key))
     per_passage = 1 + p["questions"]
