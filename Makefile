@@ -20,7 +20,7 @@ endef
 export SPLIT_ARGS_PY
 ARGV = args=$$($(PY) -c "$$SPLIT_ARGS_PY" $(call q,$(ARGS))) && eval "set -- $$args"
 
-.PHONY: setup repro test clean recipe blas bench train-distributed lock runs chat bench-chat publish gguf arena arena-export architecture
+.PHONY: setup repro test clean recipe blas bench train-distributed lock runs chat bench-chat publish gguf arena arena-export architecture voice
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
@@ -120,6 +120,12 @@ arena: setup  ## make arena [PORT=7860] [ARGS="--host 0.0.0.0 --temperature 0.7"
 
 arena-export: setup  ## arena votes -> preference pairs (prompt/chosen/rejected/system) in data/arena/pairs.jsonl
 	@$(ARGV) && $(PY) -m voicetune.tools.arena export "$$@"
+
+# The voice score of any predictions files (the first the base model's) against an author's Q&A
+# corpus, outside the pipeline: e.g. a published evaluation run. The stage voice is the pipeline's.
+voice: setup  ## make voice AUTHOR=corpus.jsonl FILES="base.jsonl lora.jsonl" [ARGS=--json]
+	@test -n $(call q,$(AUTHOR)) -a -n $(call q,$(FILES)) || { echo "make voice needs AUTHOR=<the author's Q&A file> FILES=\"<base predictions> <other predictions>...\""; exit 2; }
+	@$(ARGV) && $(PY) -m voicetune.tools.voice --author $(call q,$(AUTHOR)) $(FILES) "$$@"
 
 # docs/architecture.md from the code's imports (the rooms, the picture, the figures); it also
 # refuses an import that breaks the rooms' rule. tests/project/test_architecture.py checks both.

@@ -11,6 +11,7 @@ from pathlib import Path
 from voicetune.core.errors import run_stage
 from voicetune.evaluate import report
 from voicetune.core.files import atomic_files, write_json_atomic, write_text_atomic
+from voicetune.core.jsonl import read_jsonl
 from voicetune.evaluate.metrics import read_predictions
 from voicetune.core.params import load_params
 from voicetune.models.registry import NAMES
@@ -30,17 +31,24 @@ def main() -> None:
     runs = {name: read_predictions(Path(f"data/eval/{name}.jsonl")) for name in args.models}
     summaries = {name: read_json(Path(f"metrics/eval_{name}.json")) for name in args.models}
     values = report.per_question(runs)
+    voice = read_json(Path("metrics/voice.json"))
+    if voice and Path("data/voice/scores.jsonl").exists():
+        scores = read_jsonl(Path("data/voice/scores.jsonl"))
+        for name in values:
+            if all(name in row for row in scores) and len(scores) == len(runs[name]):
+                values[name]["voice_score"] = [row[name] for row in scores]
     comps = report.comparisons(values, seed=p["seed"])
     # everything is computed before any output is replaced: a failure keeps the last report.
     # Only this stage's plots are replaced: metrics/plots also holds the arena stage's plot.
     with atomic_files("metrics/plots") as plot_dir:
-        plots = report.plot_all(values, runs, Path("dvclive/train"), plot_dir)
+        plots = report.plot_all(values, runs, Path("dvclive/train"), plot_dir, voice=voice)
         text = report.markdown(summaries, comps, read_json(Path("metrics/train.json")),
                                read_json(Path("metrics/fuse.json")), runs, p["report_examples"],
                                p["seed"], [f"plots/{f.name}" for f in plots],
                                arena=read_json(Path("metrics/arena.json")),
                                preference=read_json(Path("metrics/preference.json")),
-                               pairs=read_json(Path("metrics/pairs.json")))
+                               pairs=read_json(Path("metrics/pairs.json")), voice=voice,
+                               judge=read_json(Path("metrics/judge.json")))
     write_json_atomic("metrics/compare.json", comps)
     write_text_atomic("metrics/report.md", text)
     for pair, metrics in comps.items():

@@ -54,8 +54,18 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     assert_reads_covered(tiny_project, tmp_path / "reads")
     report = (tiny_project / "metrics/report.md").read_text()
     assert all(f"| {name} |" in report for name in ("base", "lora", "fused", "dpo"))
-    for name in ("loss", "overlap", "lengths"):
+    for name in ("loss", "overlap", "lengths", "voice"):
         assert (tiny_project / f"metrics/plots/{name}.png").stat().st_size > 1000
+    # the voice score: every model scored, fit on base answers to training questions
+    voice = json.loads((tiny_project / "metrics/voice.json").read_text())
+    assert set(voice["models"]) == {"base", "lora", "fused", "dpo"} and voice["questions"] == 4
+    negatives = (tiny_project / "data/voice/negatives.jsonl").read_text().splitlines()
+    assert voice["fit"]["other_texts"] == len(negatives) > 0
+    assert "## Does it sound like the author?" in report
+    # the judge: a local model folder is no 135M embedded model, so auto runs it
+    judge = json.loads((tiny_project / "metrics/judge.json").read_text())
+    assert judge["run"] == "on" and judge["contests"]["lora_vs_base"]["pairs"] == 4
+    assert "## The judge" in report
     compare = json.loads((tiny_project / "metrics/compare.json").read_text())
     assert set(compare) == {"lora_vs_base", "fused_vs_base", "fused_vs_lora", "dpo_vs_base", "dpo_vs_lora"}
     pairs = json.loads((tiny_project / "metrics/pairs.json").read_text())

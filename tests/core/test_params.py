@@ -344,3 +344,34 @@ def test_fast_cpu_on_and_off_read_as_yaml_booleans_are_accepted(tmp_path):
     path.write_text(re.sub(r"(?m)^  fast_cpu: \S+", "  fast_cpu: fast", text))
     with pytest.raises(ParamsError, match="kernels.fast_cpu: got \"fast\""):
         load_params(path)
+
+
+# ------------------------------------------------------------------ eval.voice and eval.judge
+@pytest.mark.parametrize("change,expected", [
+    (lambda p: p["eval"]["voice"].update(char_ngrams=[4, 2]),
+     ["params.yaml: eval.voice.char_ngrams: got [4, 2]; expected [lowest, highest] n of the "
+      "character n-grams, lowest <= highest"]),
+    (lambda p: p["eval"]["voice"].update(negatives=2),
+     ["params.yaml: eval.voice.negatives: got 2; expected an integer >= 4"]),
+    (lambda p: p["eval"]["judge"].update(run="always"),
+     ['params.yaml: eval.judge.run: got "always"; expected auto (on unless the judge would be '
+      'the embedded 135M model in-process), on or off']),
+    (lambda p: p["eval"]["judge"].update(endpoint="localhost:8080"),
+     ['params.yaml: eval.judge.endpoint: got "localhost:8080"; expected the base URL of an '
+      'OpenAI-compatible API (http://127.0.0.1:8080/v1) or null (in-process)']),
+])
+def test_voice_and_judge_problems_are_one_line_each(tmp_path, monkeypatch, change, expected):
+    assert problems_of(tmp_path, monkeypatch, change) == expected
+
+
+def test_judge_run_on_and_off_read_as_yaml_booleans_are_accepted_and_old_files_get_defaults(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    for bare, expected in (("off", "off"), ("on", "on"), ("auto", "auto")):
+        path = tmp_path / f"{bare}.yaml"
+        path.write_text(re.sub(r"(?m)^    run: \S+", f"    run: {bare}", text))
+        assert load_params(path)["eval"]["judge"]["run"] == expected
+    params = copy.deepcopy(COMMITTED)
+    del params["eval"]["voice"], params["eval"]["judge"]
+    loaded = load_params(write(tmp_path, params))["eval"]
+    assert loaded["voice"] == {"negatives": 48, "window_chars": 160, "char_ngrams": [2, 4], "C": 1.0}
+    assert loaded["judge"]["run"] == "auto" and loaded["judge"]["endpoint"] is None

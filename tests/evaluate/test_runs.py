@@ -12,6 +12,9 @@ def row(rev, rank, loss, low, env="0.32.4", typ="baseline"):
             "lora_vs_base.word_overlap.ci95_low": low, "lora_vs_base.word_overlap.ci95_high": 0.03,
             "lora_vs_base.rouge_l.mean_difference": 0.03,
             "lora_vs_base.rouge_l.ci95_low": 0.02, "lora_vs_base.rouge_l.ci95_high": 0.04,
+            # metrics/voice.json's names are its own: exp_show leaves them unprefixed
+            "models.lora.score": 0.555, "models.lora.gap_closed.value": 0.529,
+            "models.lora.gap_closed.ci95_low": 0.441, "models.lora.gap_closed.ci95_high": 0.612,
             "dpo_vs_lora.word_overlap.mean_difference": -0.006,
             "dpo_vs_lora.word_overlap.ci95_low": -0.018, "dpo_vs_lora.word_overlap.ci95_high": 0.005,
             "metrics/train.json:environment.mlx": env,
@@ -26,9 +29,10 @@ def test_only_changed_params_the_curated_metrics_and_differing_versions():
             {**row("exp-1", 4, 3.6, 0.01), "typ": "branch_commit", "Experiment": "exp-1"}]
     headers, table = curate(rows)
     assert headers == ["run", "lora.rank", "best val loss", "overlap Δ", "overlap 95% CI",
-                       "ROUGE-L Δ", "ROUGE-L 95% CI", "DPO−LoRA overlap Δ", "DPO−LoRA 95% CI", "mlx"]  # not data.seed, python, tokens/s
+                       "ROUGE-L Δ", "ROUGE-L 95% CI", "voice P(author)", "voice gap closed (95% CI)",
+                       "DPO−LoRA overlap Δ", "DPO−LoRA 95% CI", "mlx"]  # not data.seed, python, tokens/s
     assert table[1] == ["main", "16", "3.5349", "+0.0200", "-0.0010 … +0.0300", "+0.0300",
-                        "+0.0200 … +0.0400", "-0.0060", "-0.0180 … +0.0050", "0.32.4"]
+                        "+0.0200 … +0.0400", "0.555", "53% (44% … 61%)", "-0.0060", "-0.0180 … +0.0050", "0.32.4"]
     assert table[2][0].endswith("exp-1") and table[0][-1] == "0.33.0"
     text = render(headers, table)
     assert text.splitlines()[0].startswith("run") and "-0.0010 … +0.0300" in text
@@ -37,7 +41,7 @@ def test_only_changed_params_the_curated_metrics_and_differing_versions():
 def test_a_run_without_evaluation_shows_dashes():
     headers, table = curate([row("a", 8, 3.5, 0.0), {"rev": "b", "typ": "baseline", "lora.rank": 4}])
     start = headers.index("best val loss")
-    assert table[1][start:start + 5] == ["-"] * 5 and table[0][start] == "3.5000"
+    assert table[1][start:start + 7] == ["-"] * 7 and table[0][start] == "3.5000"
 
 
 def test_the_columns_exist_in_this_projects_real_runs():
@@ -45,4 +49,4 @@ def test_the_columns_exist_in_this_projects_real_runs():
 
     headers, table = curate(dvc.api.exp_show(repo=str(ROOT), num=1))
     start = headers.index("best val loss")
-    assert all(cell != "-" for cell in table[-1][start:start + 5]), (headers, table)
+    assert all(cell != "-" for cell in table[-1][start:start + 7]), (headers, table)

@@ -140,6 +140,51 @@ class TrainParams(_Section):
     early_stopping: EarlyStoppingParams = Field(default_factory=EarlyStoppingParams)
 
 
+def _ascending(value: list[int]) -> list[int]:
+    if value[0] > value[1]:
+        raise PydanticCustomError("ascending", "expected [lowest, highest] with lowest <= highest")
+    return value
+
+
+class VoiceParams(_Section):
+    """The voice score (stages voice_negatives, voice): authorship verification fit on the
+    train split only. Defaults: params files written before it existed still validate."""
+    # the "not the author" class: the base model's answers to this many seeded train questions
+    negatives: int = Field(48, ge=4)
+    # every text is scored on windows of exactly this many characters (its last, shorter piece
+    # dropped): the classifier never sees a text's length or where it was cut
+    window_chars: int = Field(160, ge=20)
+    char_ngrams: Annotated[list[Annotated[int, Field(ge=1, le=8)]], Field(min_length=2, max_length=2),
+                           AfterValidator(_ascending)] = Field(
+        default_factory=lambda: [2, 4], description="[lowest, highest] n of the character n-grams, lowest <= highest")
+    C: float = Field(1.0, gt=0, allow_inf_nan=False)  # inverse L2 strength of the logistic regression
+
+
+class JudgeParams(_Section):
+    """The pairwise judge (stage judge): "which of these two answers did the author write?",
+    asked in both orders. A generator like ingest's: the base model in-process, or an
+    OpenAI-compatible endpoint."""
+    run: Literal["auto", "on", "off"] = Field("auto", description=(
+        "auto (on unless the judge would be the embedded 135M model in-process), on or off"))
+    endpoint: Optional[str] = Field(None, pattern=r"^https?://\S+$", description=(
+        "the base URL of an OpenAI-compatible API (http://127.0.0.1:8080/v1) or null (in-process)"))
+    endpoint_model: str = Field("default_model", min_length=1)
+    api_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "the name of an environment variable holding the API key, or null (no key)"))
+    timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
+    examples: int = Field(3, ge=0, le=20)  # the author's train answers shown as examples
+    max_tokens: int = Field(16, ge=1)
+    limit: Optional[int] = Field(None, ge=1, description=(
+        "an integer >= 1 (the first N test questions) or null (all)"))
+    seed: Seed = 0
+
+    @field_validator("run", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value):
+        # YAML 1.1 reads a bare on/off as a boolean (as for kernels.fast_cpu)
+        return ("on" if value else "off") if isinstance(value, bool) else value
+
+
 class EvalParams(_Section):
     max_tokens: int = Field(ge=1)
     temperature: float = Field(ge=0, allow_inf_nan=False)
@@ -149,6 +194,8 @@ class EvalParams(_Section):
     limit: Optional[int] = Field(None, ge=1, description=(
         "an integer >= 1 (the first N test questions) or null (all)"))
     report_examples: int = Field(ge=0)
+    voice: VoiceParams = Field(default_factory=VoiceParams)
+    judge: JudgeParams = Field(default_factory=JudgeParams)
 
 
 class FuseParams(_Section):

@@ -13,6 +13,7 @@ import numpy as np
 from voicetune.core.errors import UserError
 from voicetune.evaluate.metrics import compare, score
 from voicetune.evaluate.ratings import markdown as ratings_markdown
+from voicetune.evaluate.style_control import markdown as style_control_markdown
 
 PAIRS = (("lora", "base"), ("fused", "base"), ("fused", "lora"), ("dpo", "base"), ("dpo", "lora"))
 
@@ -44,7 +45,8 @@ def comparisons(values: dict[str, dict[str, list[float]]], seed: int) -> dict:
         if new in values and old in values:
             result[f"{new}_vs_{old}"] = {
                 metric: compare(values[new][metric], values[old][metric], seed)
-                for metric in ("word_overlap", "rouge_l")
+                for metric in ("word_overlap", "rouge_l", "voice_score")
+                if metric in values[new] and metric in values[old]
             }
             # lower is better for the length gap: the improvement is old gap - new gap,
             # relative to the old gap (positive: the new answers are closer in length)
@@ -81,6 +83,80 @@ def preference_section(pref: dict, pairs: dict) -> list[str]:
             f"{pref.get('stopped_at')} ({pref.get('stop_reason')})."]
 
 
+def _pct(g: dict) -> str:
+    return (f"{100 * g['value']:.1f}% (95% CI {100 * g['ci95_low']:.1f}% … {100 * g['ci95_high']:.1f}%)"
+            if g.get("value") is not None and g.get("ci95_low") is not None else "—")
+
+
+def voice_section(voice: dict, plot: str | None = None) -> list[str]:
+    """Does it sound like the author? The voice score (metrics/voice.json) per model against
+    the author's own held-out answers (ceiling) and the base model's (floor)."""
+    lines = ["", "## Does it sound like the author? The voice score", ""]
+    if not voice:
+        return lines + ["No voice score yet (`dvc repro voice`)."]
+    fit, check = voice["fit"], voice["length_check"]
+    c = voice["ceiling"]
+    lines += [f"P(author): an authorship-verification model (character {fit['char_ngrams'][0]}–"
+              f"{fit['char_ngrams'][1]}-grams with content words masked, and function-word "
+              f"frequencies; logistic regression) fit on the train split only: "
+              f"{fit['author_texts']} of the author's answers against {fit['other_texts']} of the "
+              f"base model's answers to training questions, on windows of {fit['window_chars']} "
+              "characters. Verdict: " + voice["verdict"] + ".", "",
+              f"What it is not shown: length. Length alone would tell the author's held-out answers "
+              f"from the base model's with AUC {check['auc_length_alone']:.3f}; the score sees only "
+              f"equal windows of every text, and on each text's first window alone (equal lengths, "
+              f"no ending) its AUC is {check['auc_first_window_only']:.3f}."
+              + ("" if "auc_by_features" not in voice else " Each feature set alone: " + ", ".join(
+                  f"{name.replace('_', ' ')} AUC {a['value']:.3f} ({a['ci95_low']:.3f} … {a['ci95_high']:.3f})"
+                  for name, a in voice["auc_by_features"].items()) + "."), ""]
+    if not voice["informative"]:
+        lines += ["**The score is uninformative on this data: the figures below are not a result.**", ""]
+    lines += ["| model | P(author) | 95% CI | share of the base → author gap closed | vs base "
+              "(paired) | W/T/L vs base | AUC vs the author's answers |", "|---|---|---|---|---|---|---|",
+              f"| author (held-out answers: the ceiling) | {c['score']:.3f} | {c['ci95_low']:.3f} … "
+              f"{c['ci95_high']:.3f} | 100% | | | 0.5 |"]
+    for name, m in voice["models"].items():
+        vs = m.get("vs_base")
+        lines.append(
+            f"| {name} | {m['score']:.3f} | {m['ci95_low']:.3f} … {m['ci95_high']:.3f} | "
+            + ("0% (the floor)" if name == "base" else _pct(m["gap_closed"]))
+            + (f" | {vs['mean_difference']:+.3f} (95% CI {vs['ci95_low']:+.3f} … {vs['ci95_high']:+.3f}) "
+               f"| {vs['wins']}/{vs['ties']}/{vs['losses']}" if vs else " | | ")
+            + f" | {m['auc_vs_author']:.3f} |")
+    if plot:
+        lines += ["", f"![voice score]({plot})"]
+    return lines
+
+
+def judge_section(judge: dict) -> list[str]:
+    """The pairwise judge (metrics/judge.json): each contest's raw win rate over the verdicts
+    both orders agreed on, position bias, and the length-controlled ratings, or why it was off."""
+    lines = ["", "## The judge: which answer did the author write?", ""]
+    if not judge:
+        return lines + ["No judge run yet (`dvc repro judge`)."]
+    if judge.get("run") != "on":
+        return lines + [f"Off: {judge.get('reason', 'eval.judge.run is off')}."]
+    lines += [f"The judge ({judge.get('generator', '?')}) was shown each pair of answers in both orders, "
+              "with a few of the author's training answers as examples; a verdict counts only when "
+              "both orders agree (a disagreement is a tie). Position bias: the share of replies "
+              f"that picked the first answer (0.5: none); over all contests {judge['position_bias']}, "
+              f"consistency {judge['consistency']}, {judge['unparseable']} unparseable replies.", "",
+              "| contest | pairs | W / T / L | win rate (ties half) | 95% CI | position bias "
+              "| consistency |", "|---|---|---|---|---|---|---|"]
+    for name, c in judge["contests"].items():
+        lines.append(f"| {name.replace('_vs_', ' vs ')} | {c['pairs']} | {c['wins']} / {c['ties']} / "
+                     f"{c['losses']} | {_fmt(c['win_rate'], '.1%')} | {_fmt(c['win_rate_ci_low'], '.1%')} … "
+                     f"{_fmt(c['win_rate_ci_high'], '.1%')} | {_fmt(c['position_bias'], '.2f')} "
+                     f"| {_fmt(c['consistency'], '.2f')} |")
+    lines += ["", "Against the author, a model's win rate is how often the judge took its answer for "
+              "the author's (50%: indistinguishable). Length-controlled:", ""]
+    return lines + style_control_markdown(judge["length_controlled"])
+
+
+def _fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def arena_section(arena: dict | None) -> list[str]:
     """The arena's ratings (metrics/arena.json) with a link to their plot, or one line saying
     there are none yet."""
@@ -91,13 +167,14 @@ def arena_section(arena: dict | None) -> list[str]:
         return lines + [f"No arena votes for the current adapter yet ({arena['votes']} in "
                         f"data/arena/votes.jsonl, {arena.get('other_weights', 0)} for other "
                         "adapters; `arena.adapter: all` counts them)."]
-    return lines + ratings_markdown(arena, plot="plots/arena.png")
+    return lines + ratings_markdown(arena, plot="plots/arena.png", voice=arena.get("voice"))
 
 
 def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
              runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str],
              arena: dict | None = None, preference: dict | None = None,
-             pairs: dict | None = None) -> str:
+             pairs: dict | None = None, voice: dict | None = None,
+             judge: dict | None = None) -> str:
     share = train.get("trainable_share")
     lines = ["# Base vs fine-tuned vs fused: held-out evaluation", "",
              f"{summaries['base']['n']} test questions, "
@@ -121,7 +198,10 @@ def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
     lines += ["", "## Comparisons", ""]
     for pair, metrics in comps.items():
         lines.append(f"- **{pair.replace('_vs_', ' vs ')}**: word overlap {format_comparison(metrics['word_overlap'])}; "
-                     f"ROUGE-L {format_comparison(metrics['rouge_l'])}; length gap to the reference "
+                     f"ROUGE-L {format_comparison(metrics['rouge_l'])}; "
+                     + (f"voice score {format_comparison(metrics['voice_score'], pct=False)}; "
+                        if "voice_score" in metrics else "")
+                     + f"length gap to the reference "
                      f"{-metrics['length_gap_reduction']['mean_difference']:+.1f} chars "
                      f"(95% CI {-metrics['length_gap_reduction']['ci95_high']:+.1f} … "
                      f"{-metrics['length_gap_reduction']['ci95_low']:+.1f})")
@@ -137,8 +217,11 @@ def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
                   f"{fuse['tolerance']:.0e}), fused vs base {fuse['max_abs_logit_diff_fused_vs_base']:.2e}; "
                   f"greedy answers identical {fuse['greedy_answers_identical']}/{fuse['prompts']}."]
     lines += preference_section(preference or {}, pairs or {})
+    voice_plot = next((p for p in plots if Path(p).stem == "voice"), None)
+    lines += voice_section(voice or {}, voice_plot)
+    lines += judge_section(judge or {})
     lines += arena_section(arena)
-    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots if p != voice_plot]
     lines += ["", "## Examples", ""]
     picks = np.random.default_rng(seed).choice(len(runs["base"]), size=min(examples, len(runs["base"])),
                                                replace=False)
@@ -167,7 +250,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_all(values: dict[str, dict[str, list[float]]], runs: dict[str, list[dict]],
-             live_dir: Path, out_dir: Path) -> list[Path]:
+             live_dir: Path, out_dir: Path, voice: dict | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,4 +283,38 @@ def plot_all(values: dict[str, dict[str, list[float]]], runs: dict[str, list[dic
     ax.set(ylabel="answer length (characters)", title="Answer lengths vs the reference")
     files.append(out_dir / "lengths.png")
     _save(fig, files[-1])
+    if voice:
+        files.append(out_dir / "voice.png")
+        _save(voice_figure(voice), files[-1])
     return files
+
+
+def voice_figure(voice: dict):
+    """Each model's P(author) with its 95% CI, between the base model (floor) and the author's
+    own held-out answers (ceiling, its CI shaded)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    c = voice["ceiling"]
+    ax.axhspan(c["ci95_low"], c["ci95_high"], color="tab:green", alpha=0.15)
+    ax.axhline(c["score"], color="tab:green", label=f"the author's held-out answers ({c['score']:.2f})")
+    ax.axhline(voice["floor"], color="grey", ls="--", label=f"base model, the floor ({voice['floor']:.2f})")
+    names = list(voice["models"])
+    scores = [voice["models"][n]["score"] for n in names]
+    low = [s - voice["models"][n]["ci95_low"] for n, s in zip(names, scores)]
+    high = [voice["models"][n]["ci95_high"] - s for n, s in zip(names, scores)]
+    ax.errorbar(range(len(names)), scores, yerr=[low, high], fmt="o", capsize=5, color="tab:blue")
+    for i, n in enumerate(names):
+        g = voice["models"][n]["gap_closed"]["value"]
+        if n != "base" and g is not None:
+            ax.annotate(f"{100 * g:.0f}% of the gap", (i, scores[i]), xytext=(8, -4),
+                        textcoords="offset points", fontsize=9)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.1)  # room for the last label
+    ax.set_ylim(0, 1)
+    title = "Voice score: P(the author wrote it), 95% CI"
+    if not voice["informative"]:
+        title += "\n(uninformative on this data: the score cannot tell the author from base)"
+    ax.set(ylabel="mean P(author) on the test answers", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig

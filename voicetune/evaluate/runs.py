@@ -3,7 +3,8 @@
 `dvc exp show` prints every param and every metric flattened (~150 columns), which buries
 what matters. This shows, per run: the params that differ between the runs shown, the best
 validation loss, LoRA vs base word overlap and ROUGE-L (mean paired difference and its 95%
-CI), the preference-tuned model against the LoRA, and the library versions where they differ.
+CI), the LoRA's voice score and its share of the base -> author gap, the preference-tuned model
+against the LoRA, and the library versions where they differ.
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ METRICS = (
     ("ROUGE-L Δ", "lora_vs_base.rouge_l.mean_difference", "{:+.4f}"),
     ("ROUGE-L 95% CI", ("lora_vs_base.rouge_l.ci95_low", "lora_vs_base.rouge_l.ci95_high"),
      "{:+.4f} … {:+.4f}"),
+    # the voice score: P(author) of the LoRA's answers and its share of the base -> author gap
+    ("voice P(author)", "metrics/voice.json:models.lora.score", "{:.3f}"),
+    ("voice gap closed (95% CI)", ("metrics/voice.json:models.lora.gap_closed.value",
+                                   "metrics/voice.json:models.lora.gap_closed.ci95_low",
+                                   "metrics/voice.json:models.lora.gap_closed.ci95_high"),
+     "{:.0%} ({:.0%} … {:.0%})"),
     ("DPO−LoRA overlap Δ", "dpo_vs_lora.word_overlap.mean_difference", "{:+.4f}"),
     ("DPO−LoRA 95% CI", ("dpo_vs_lora.word_overlap.ci95_low",
                          "dpo_vs_lora.word_overlap.ci95_high"), "{:+.4f} … {:+.4f}"),

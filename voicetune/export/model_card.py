@@ -100,6 +100,7 @@ class RunRecord:
     evals: dict     # {"base": metrics/eval_base.json, "lora"|"fused": ...}
     params: dict    # params.yaml, validated
     example: dict | None = None  # one held-out question and the model's answer
+    voice: dict | None = None    # metrics/voice.json (runs before the voice score have none)
 
     @classmethod
     def read(cls, root: Path, evaluated: str, params: dict) -> RunRecord:
@@ -111,7 +112,16 @@ class RunRecord:
                    data=read_json(m / "data.json"), train=read_json(m / "train.json"),
                    compare=read_json(m / "compare.json"),
                    evals={name: read_json(m / f"eval_{name}.json") for name in ("base", evaluated)},
-                   params=params, example=example)
+                   params=params, example=example,
+                   voice=read_json(m / "voice.json") if (m / "voice.json").exists() else None)
+
+
+def voice_result(record: RunRecord, evaluated: str) -> dict | None:
+    """This model's entry of metrics/voice.json, when the score is informative on this data
+    (an uninformative score is no result to publish)."""
+    voice = record.voice or {}
+    entry = voice.get("models", {}).get(evaluated)
+    return entry if voice.get("informative") and entry and entry.get("vs_base") else None
 
 
 def dataset_identity(data: dict) -> tuple[str, str, str | None]:
@@ -159,6 +169,16 @@ def eval_results(record: RunRecord, evaluated: str):
                          f"{c['ci95_low']:+.4f} to {c['ci95_high']:+.4f}; W/T/L "
                          f"{c['wins']}/{c['ties']}/{c['losses']})"),
             metric_value=round(c["mean_difference"], 4), **common))
+    if v := voice_result(record, evaluated):
+        g, c = v["gap_closed"], v["vs_base"]
+        results.append(EvalResult(
+            metric_type="voice_score",
+            metric_name=(f"Voice score, P(the author wrote it), {n} test questions (the author's own "
+                         f"answers: {record.voice['ceiling']['score']:.3f}; base: "
+                         f"{record.voice['floor']:.3f}; closes {100 * g['value']:.1f}% of the gap, "
+                         f"95% CI {100 * g['ci95_low']:.1f}% to {100 * g['ci95_high']:.1f}%; W/T/L "
+                         f"{c['wins']}/{c['ties']}/{c['losses']})"),
+            metric_value=round(v["score"], 4), **common))
     ppl = record.evals[evaluated].get("reference_perplexity")
     if ppl is not None:
         results.append(EvalResult(metric_type="perplexity",
@@ -215,6 +235,11 @@ def evaluation_section(record: RunRecord, what: str) -> str:
         rows.append(f"| perplexity of the reference answers (lower is better) | "
                     f"{base['reference_perplexity']:.2f} | {tuned['reference_perplexity']:.2f} | "
                     f"{tuned['reference_perplexity'] - base['reference_perplexity']:+.2f} | | |")
+    if v := voice_result(record, evaluated):
+        c = v["vs_base"]
+        rows.append(f"| voice score: P(the author wrote it) | {c['mean_old']:.3f} | {c['mean_new']:.3f} | "
+                    f"{c['mean_difference']:+.3f} ({c['ci95_low']:+.3f} … {c['ci95_high']:+.3f}) | "
+                    f"{_fmt_pct(c['relative_improvement'])} | {c['wins']} / {c['ties']} / {c['losses']} |")
     limit = (f"; {base['hit_token_limit']} base and {tuned['hit_token_limit']} fine-tuned "
              f"answers hit the limit" if "hit_token_limit" in base else "")
     text = [
@@ -232,6 +257,7 @@ def evaluation_section(record: RunRecord, what: str) -> str:
         "|---|---|---|---|---|---|",
         *rows,
     ]
+    text += voice_lines(record, evaluated)
     if what == "gguf":
         text += ["", "These are the figures of the fused MLX model before the GGUF "
                  "conversion: the GGUF file itself was not evaluated."]
@@ -240,6 +266,28 @@ def evaluation_section(record: RunRecord, what: str) -> str:
                  f"> **Q:** {record.example.get('question', '').strip()}", ">",
                  "> **A:** " + record.example.get("prediction", "").strip().replace("\n", "\n> ")]
     return "\n".join(text)
+
+
+def voice_lines(record: RunRecord, evaluated: str) -> list[str]:
+    """What the voice score says, in words: the share of the base -> author gap closed, or why
+    there is no figure."""
+    voice = record.voice or {}
+    if not voice:
+        return []
+    if not voice.get("informative"):
+        return ["", f"The voice score (an authorship-verification model fit on the training "
+                f"answers) is {voice['verdict']}."]
+    v, c = voice["models"].get(evaluated), voice["ceiling"]
+    if not v:
+        return []
+    g = v["gap_closed"]
+    return ["", "The voice score is the probability that the author wrote an answer, from an "
+            "authorship-verification model (character n-grams with content words masked, and "
+            "function words) fit on the training answers only, against the base model's answers "
+            f"to training questions. The author's own held-out answers score {c['score']:.3f}, "
+            f"the base model's {voice['floor']:.3f}: this model's {v['score']:.3f} closes "
+            f"{100 * g['value']:.1f}% of that gap (95% CI {100 * g['ci95_low']:.1f}% … "
+            f"{100 * g['ci95_high']:.1f}%)."]
 
 
 def training_section(record: RunRecord, base: BaseModel, what: str) -> str:
