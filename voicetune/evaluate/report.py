@@ -83,6 +83,10 @@ def preference_section(pref: dict, pairs: dict) -> list[str]:
             f"{pref.get('stopped_at')} ({pref.get('stop_reason')})."]
 
 
+FEATURE_NAMES = {"both": "both together", "char_ngrams": "masked character n-grams",
+                 "function_words": "function words"}
+
+
 def _pct(g: dict) -> str:
     return (f"{100 * g['value']:.1f}% (95% CI {100 * g['ci95_low']:.1f}% … {100 * g['ci95_high']:.1f}%)"
             if g.get("value") is not None and g.get("ci95_low") is not None else "—")
@@ -106,8 +110,8 @@ def voice_section(voice: dict, plot: str | None = None) -> list[str]:
               f"from the base model's with AUC {check['auc_length_alone']:.3f}; the score sees only "
               f"equal windows of every text, and on each text's first window alone (equal lengths, "
               f"no ending) its AUC is {check['auc_first_window_only']:.3f}."
-              + ("" if "auc_by_features" not in voice else " Each feature set alone: " + ", ".join(
-                  f"{name.replace('_', ' ')} AUC {a['value']:.3f} ({a['ci95_low']:.3f} … {a['ci95_high']:.3f})"
+              + ("" if "auc_by_features" not in voice else " Each feature set alone, and together: " + ", ".join(
+                  f"{FEATURE_NAMES.get(name, name)} AUC {a['value']:.3f} ({a['ci95_low']:.3f} … {a['ci95_high']:.3f})"
                   for name, a in voice["auc_by_features"].items()) + "."), ""]
     if not voice["informative"]:
         lines += ["**The score is uninformative on this data: the figures below are not a result.**", ""]
