@@ -23,6 +23,16 @@ def base_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def mlx_server(base_model_dir):
+    """mlx_lm.server serving the embedded model on 127.0.0.1: its base URL (ingest and the judge
+    talk to it as to any OpenAI-compatible endpoint)."""
+    from tests.harness.fakes import mlx_lm_server
+
+    with mlx_lm_server(base_model_dir) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def tokenizer(base_model_dir):
     from mlx_lm.utils import load_tokenizer

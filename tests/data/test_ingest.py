@@ -24,7 +24,7 @@ from voicetune.core.params import load_params
 from voicetune.data.posts import read_posts, split_passages
 
 from tests.conftest import ROOT
-from tests.harness.fakes import Fake, FakeOpenAI, mlx_lm_server, serving
+from tests.harness.fakes import Fake, FakeOpenAI, serving
 
 P = load_params(ROOT / "params.yaml")["ingest"]
 PERSONA = "You are Sam, who keeps bees."
@@ -350,12 +350,6 @@ def test_an_unreachable_endpoint_is_a_clear_error_naming_it():
 
 
 # ------------------------------------------------------------------------------ a real server
-@pytest.fixture
-def mlx_server(base_model_dir):
-    with mlx_lm_server(base_model_dir) as url:
-        yield url
-
-
 @pytest.mark.slow
 def test_end_to_end_through_mlx_lm_server(tmp_path, mlx_server):
     """The stage script talks to mlx_lm.server over HTTP. The 135M model writes weak pairs:

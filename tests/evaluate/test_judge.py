@@ -18,7 +18,7 @@ from voicetune.models import generators
 from voicetune.models.generators import Reply, cached_complete
 
 from tests.conftest import ROOT
-from tests.harness.fakes import FakeJudge, mlx_lm_server, serving
+from tests.harness.fakes import FakeJudge, serving
 
 QUESTIONS = ["Why reef early?", "Tea or coffee?", "What was your worst storm?"]
 # the author's answers all start "Aye,": a judge that knows the voice can tell them apart
@@ -284,12 +284,6 @@ def test_the_stage_through_an_endpoint_writes_verdicts_and_metrics(tmp_path, jud
 
 
 # ------------------------------------------------------------------------------ a real server
-@pytest.fixture
-def mlx_server(base_model_dir):
-    with mlx_lm_server(base_model_dir) as url:
-        yield url
-
-
 @pytest.mark.slow
 def test_one_question_through_mlx_lm_server(tmp_path, mlx_server):
     """The judge asks mlx_lm.server over HTTP. Whatever the 135M model answers, every reply is

@@ -179,3 +179,30 @@ def test_on_the_shared_blog_set_the_author_is_told_from_the_base_model():
     assert summary["informative"] and summary["auc_author_vs_base"]["ci95_low"] > 0.85
     lora = summary["models"]["lora"]
     assert lora["vs_base"]["ci95_low"] > 0 and lora["gap_closed"]["ci95_low"] > 0.5
+
+
+# ------------------------------------------------------------------------------ the tool
+def test_the_tool_scores_prediction_files_against_an_author_corpus(tmp_path, capsys):
+    """`make voice`: the author's corpus minus the held-out questions, cross-fitted on the
+    base file's answers; files of other questions are refused with the line that differs."""
+    from voicetune.tools.voice import main
+
+    questions = [f"Question {i}?" for i in range(16)]
+    refs, base, mimic = corpus("A", 16, 3), corpus("B", 16, 4), corpus("A", 16, 5)
+    corpus_rows = [{"messages": [{"role": "user", "content": f"Old {i}?"}, {"role": "assistant", "content": t}]}
+                   for i, t in enumerate(corpus("A", 60, 1))]
+    corpus_rows.append({"messages": [{"role": "user", "content": questions[0]},
+                                     {"role": "assistant", "content": refs[0]}]})  # held out: left out
+    write_jsonl(tmp_path / "author.jsonl", corpus_rows)
+    for name, preds in (("base", base), ("mimic", mimic)):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"question": q, "reference": r, "prediction": p}
+                                                  for q, r, p in zip(questions, refs, preds)])
+    assert main(["--author", str(tmp_path / "author.jsonl"), "--window-chars", "120",
+                 str(tmp_path / "base.jsonl"), str(tmp_path / "mimic.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("60 of the author's answers fit (1 left out: held-out questions); 16 held-out")
+    assert "the score tells the author's held-out answers from the base model's" in out
+    write_jsonl(tmp_path / "other.jsonl", [{"question": "Else?", "reference": "r", "prediction": "p"}] * 16)
+    assert main(["--author", str(tmp_path / "author.jsonl"), str(tmp_path / "base.jsonl"),
+                 str(tmp_path / "other.jsonl")]) == 2
+    assert "other.jsonl:1: question 'Else?' differs" in capsys.readouterr().err

@@ -52,6 +52,13 @@ Seed = Annotated[int, Field(ge=0)]
 Ratio = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 
 
+# a generator's endpoint (ingest, eval.judge): the same keys and checks in both sections
+EndpointUrl = Annotated[Optional[str], Field(pattern=r"^https?://\S+$", description=(
+    "the base URL of an OpenAI-compatible API (http://127.0.0.1:8080/v1) or null (in-process)"))]
+KeyVariable = Annotated[Optional[str], Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+    "the name of an environment variable holding the API key, or null (no key)"))]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -166,11 +173,9 @@ class JudgeParams(_Section):
     OpenAI-compatible endpoint."""
     run: Literal["auto", "on", "off"] = Field("auto", description=(
         "auto (on unless the judge would be the embedded 135M model in-process), on or off"))
-    endpoint: Optional[str] = Field(None, pattern=r"^https?://\S+$", description=(
-        "the base URL of an OpenAI-compatible API (http://127.0.0.1:8080/v1) or null (in-process)"))
+    endpoint: EndpointUrl = None
     endpoint_model: str = Field("default_model", min_length=1)
-    api_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
-        "the name of an environment variable holding the API key, or null (no key)"))
+    api_key_env: KeyVariable = None
     timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
     examples: int = Field(3, ge=0, le=20)  # the author's train answers shown as examples
     max_tokens: int = Field(16, ge=1)
@@ -281,11 +286,9 @@ class IngestParams(_Section):
     defaults: params files written before it existed still validate."""
     source: str = Field("data/sample/posts", min_length=1, description=(
         "a folder (or file) of .md, .html or RSS/Atom feed posts"))
-    endpoint: Optional[str] = Field(None, pattern=r"^https?://\S+$", description=(
-        "the base URL of an OpenAI-compatible API (http://127.0.0.1:8080/v1) or null (in-process)"))
+    endpoint: EndpointUrl = None
     endpoint_model: str = Field("default_model", min_length=1)
-    api_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
-        "the name of an environment variable holding the API key, or null (no key)"))
+    api_key_env: KeyVariable = None
     timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
     keep_code: bool = False
     on_error: Literal["skip", "refuse"] = "skip"

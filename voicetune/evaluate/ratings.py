@@ -55,38 +55,50 @@ def _objective(theta: np.ndarray, wins: np.ndarray, ridge: float) -> np.ndarray:
     return loglik - ridge / 2 * (theta ** 2).sum(1) - theta.sum(1) ** 2 / 2
 
 
+def newton_ascent(objective: Callable[[np.ndarray], np.ndarray],
+                  newton_step: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+                  tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
+    """The maximum of a concave ``objective`` for each row of ``x`` (a batch of problems):
+    Newton steps, each halved until it improves every row (plain Newton can overshoot when a
+    win probability nears 1). Serves the plain fit here and the style-controlled one."""
+    value = objective(x)
+    for _ in range(max_iter):
+        step = newton_step(x)
+        t = np.ones(len(x))
+        for _ in range(60):
+            candidate = x + t[:, None] * step
+            new = objective(candidate)
+            ok = new >= value - 1e-12 * (1 + np.abs(value))
+            if ok.all():
+                break
+            t = np.where(ok, t, t / 2)
+        x, value = candidate, new
+        if np.abs(t[:, None] * step).max() < tol:
+            break
+    return x
+
+
 def fit_batch(wins: np.ndarray, ridge: float = RIDGE, tol: float = 1e-10,
               max_iter: int = 200) -> np.ndarray:
     """Bradley–Terry abilities (logits, summing to 0) for each of a batch of win matrices.
 
     ``wins[r, i, j]`` is how often i beat j in row r (a tie adds 0.5 to both directions).
-    Newton's method on the concave penalized log-likelihood, with step halving so that every
-    step improves it (plain Newton can overshoot when a win probability nears 1)."""
+    Newton's method on the concave penalized log-likelihood (``newton_ascent``)."""
     wins = np.asarray(wins, dtype=float)
     rows, k, _ = wins.shape
     games = wins + wins.transpose(0, 2, 1)
     ridge = max(ridge, 1e-12)  # keeps a model without games solvable when ridge is 0
-    theta = np.zeros((rows, k))
-    value = _objective(theta, wins, ridge)
-    for _ in range(max_iter):
+
+    def newton_step(theta):
         # p[r, i, j] = P(i beats j), the logistic function written so it never overflows
         p = 0.5 * (1 + np.tanh((theta[:, :, None] - theta[:, None, :]) / 2))
         grad = wins.sum(2) - (games * p).sum(2) - ridge * theta - theta.sum(1, keepdims=True)
         v = games * p * (1 - p)
         neg_hessian = (np.eye(k) * (v.sum(2) + ridge)[:, :, None]) - v + 1.0
-        step = np.linalg.solve(neg_hessian, grad[:, :, None])[:, :, 0]
-        t = np.ones(rows)
-        for _ in range(60):
-            candidate = theta + t[:, None] * step
-            new = _objective(candidate, wins, ridge)
-            ok = new >= value - 1e-12 * (1 + np.abs(value))
-            if ok.all():
-                break
-            t = np.where(ok, t, t / 2)
-        theta, value = candidate, new
-        if np.abs(t[:, None] * step).max() < tol:
-            break
-    return theta
+        return np.linalg.solve(neg_hessian, grad[:, :, None])[:, :, 0]
+
+    return newton_ascent(lambda theta: _objective(theta, wins, ridge), newton_step,
+                         np.zeros((rows, k)), tol, max_iter)
 
 
 def bradley_terry(wins, ridge: float = RIDGE) -> np.ndarray:

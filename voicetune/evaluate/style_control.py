@@ -28,7 +28,7 @@ import re
 
 import numpy as np
 
-from voicetune.evaluate.ratings import ELO, RIDGE, _win_matrices, fit_batch, reachable
+from voicetune.evaluate.ratings import ELO, RIDGE, _win_matrices, fit_batch, newton_ascent, reachable
 from voicetune.models.registry import NAMES
 
 FEATURES = ("length", "headers", "list_items", "bold")
@@ -79,26 +79,16 @@ def fit_logistic_batch(design: np.ndarray, scores: np.ndarray, counts: np.ndarra
     pin = np.zeros(d)
     pin[:k] = 1.0
     outer = (design[:, :, None] * design[:, None, :]).reshape(len(design), d * d)
-    w = np.zeros((len(counts), d))
-    value = _objective(w, design, scores, counts, k, ridge)
-    for _ in range(max_iter):
+
+    def newton_step(w):
         p = 0.5 * (1 + np.tanh((w @ design.T) / 2))  # P(a beats b), overflow-free
         grad = (counts * (scores - p)) @ design - ridge * w - w[:, :k].sum(1, keepdims=True) * pin
         hessian = ((counts * p * (1 - p)) @ outer).reshape(-1, d, d)  # one matrix product
         neg_hessian = hessian + ridge * np.eye(d) + np.outer(pin, pin)
-        step = np.linalg.solve(neg_hessian, grad[:, :, None])[:, :, 0]
-        t = np.ones(len(w))
-        for _ in range(60):
-            candidate = w + t[:, None] * step
-            new = _objective(candidate, design, scores, counts, k, ridge)
-            ok = new >= value - 1e-12 * (1 + np.abs(value))
-            if ok.all():
-                break
-            t = np.where(ok, t, t / 2)
-        w, value = candidate, new
-        if np.abs(t[:, None] * step).max() < tol:
-            break
-    return w
+        return np.linalg.solve(neg_hessian, grad[:, :, None])[:, :, 0]
+
+    return newton_ascent(lambda w: _objective(w, design, scores, counts, k, ridge), newton_step,
+                         np.zeros((len(counts), d)), tol, max_iter)
 
 
 def separated(design: np.ndarray, scores: np.ndarray, fixed: int) -> bool:
