@@ -162,6 +162,18 @@ def test_the_stage_fits_on_the_train_split_only(tmp_path):
     assert [r["lora"] for r in after] == [r["lora"] for r in before]
 
 
+def test_no_negatives_is_a_message_and_keeps_the_last_good_outputs(tmp_path):
+    stage_project(tmp_path, corpus("A", 12, 3))
+    run_stage(tmp_path)
+    before = (tmp_path / "metrics/voice.json").read_bytes()
+    (tmp_path / "data/voice/negatives.jsonl").write_text("")
+    failed = subprocess.run([sys.executable, str(ROOT / "stages/voice.py"), "--models", "base", "lora"],
+                            cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "0 by others" in failed.stderr and "dvc repro voice_negatives" in failed.stderr
+    assert (tmp_path / "metrics/voice.json").read_bytes() == before
+
+
 # ------------------------------------------------------------------------------ the shared blog set
 def test_on_the_shared_blog_set_the_author_is_told_from_the_base_model():
     """The real 2,129-pair blog set and the published reference run (212 held-out questions):

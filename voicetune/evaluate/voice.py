@@ -33,6 +33,8 @@ import re
 
 import numpy as np
 
+from voicetune.core.errors import UserError
+
 # English function words: articles, pronouns, prepositions, conjunctions, auxiliaries, common
 # adverbs and their contractions (after Mosteller & Wallace's and Burrows' lists). Words that
 # carry a topic are not here: they are what the masking hides.
@@ -99,6 +101,10 @@ def build_classifier(char_ngrams: tuple[int, int], C: float, features: str = "bo
                          LogisticRegression(C=C, class_weight="balanced", max_iter=2000))
 
 
+class VoiceError(UserError, ValueError):
+    pass
+
+
 class VoiceScorer:
     """P(the author wrote it), fit on windows of the author's texts against other texts."""
 
@@ -109,11 +115,13 @@ class VoiceScorer:
 
     def fit(self, author: list[str], other: list[str]) -> "VoiceScorer":
         if not author or not other:
-            raise ValueError(f"the voice score needs texts of both classes: got {len(author)} by "
-                             f"the author and {len(other)} by others")
+            raise VoiceError(f"the voice score needs texts of both classes: got {len(author)} by "
+                             f"the author and {len(other)} by others (the training split, and the "
+                             "base model's answers of `dvc repro voice_negatives`)")
         a = [w for t in author for w in windows(t, self.window_chars)]
         o = [w for t in other for w in windows(t, self.window_chars)]
-        self.classifier = build_classifier(self.char_ngrams, self.C, self.features).fit(a + o, [1] * len(a) + [0] * len(o))
+        self.classifier = build_classifier(self.char_ngrams, self.C, self.features)
+        self.classifier.fit(a + o, [1] * len(a) + [0] * len(o))
         self.fit_counts = {"author_texts": len(author), "other_texts": len(other),
                            "author_windows": len(a), "other_windows": len(o)}
         return self
@@ -237,10 +245,10 @@ def cross_fit(author_train: list[str], references: list[str], runs: dict[str, li
 
 def _check_runs(references: list[str], runs: dict[str, list[str]]) -> None:
     if "base" not in runs:
-        raise ValueError("the voice score is calibrated on the base model's answers: runs must include base")
+        raise VoiceError("the voice score is calibrated on the base model's answers: runs must include base")
     for name, preds in runs.items():
         if len(preds) != len(references):
-            raise ValueError(f"{name} has {len(preds)} answers for {len(references)} questions")
+            raise VoiceError(f"{name} has {len(preds)} answers for {len(references)} questions")
 
 
 def summarize(full: dict[str, list[float]], first: dict[str, list[float]],
