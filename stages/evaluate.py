@@ -19,15 +19,13 @@ from voicetune.core import kernels
 from voicetune.core.environment import versions
 from voicetune.core.files import write_json_atomic, write_text_atomic
 from voicetune.models.fusion import load_float32
-from voicetune.models.generation import generate_batched, prompt_tokens
 from voicetune.core.jsonl import dumps_jsonl
 from voicetune.evaluate.metrics import score
 from voicetune.evaluate.perplexity import reference_scores
-from voicetune.evaluate.questions import prediction_records, read_test
+from voicetune.evaluate.answers import answer_questions
+from voicetune.evaluate.questions import read_test
 from voicetune.core.params import load_params
 from voicetune.models.registry import MODELS
-
-from tqdm import tqdm  # noqa: E402
 
 
 def main() -> int:
@@ -50,22 +48,16 @@ def main() -> int:
     rows = read_test(args.test, missing="run `dvc repro prepare` first")
     if p.get("limit"):
         rows = rows[: p["limit"]]
-    prompts = [prompt_tokens(tokenizer, row["messages"]) for row in rows]
-
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=f"generate ({args.model})", unit="answer") as bar:
-        answers = generate_batched(model, tokenizer, prompts, p["max_tokens"], p["temperature"],
-                                   p["seed"], p["batch_size"], p.get("repetition_penalty"),
-                                   progress=bar.update)
+    records = answer_questions(model, tokenizer, rows, p, desc=f"generate ({args.model})")
     seconds = time.perf_counter() - start
 
-    records = prediction_records(tokenizer, prompts, rows, answers)
     summary, _ = score(records)
     summary.update({
         **reference_scores(model, tokenizer, rows),
         "temperature": p["temperature"], "seed": p["seed"] if p["temperature"] > 0 else None,
         "repetition_penalty": p.get("repetition_penalty"),
-        "max_tokens": p["max_tokens"], "generated_tokens": sum(a["tokens"] for a in answers),
+        "max_tokens": p["max_tokens"], "generated_tokens": sum(r["tokens"] for r in records),
         "fast_cpu_kernels": fast_cpu,
         "environment": versions(),  # `dvc metrics diff` shows a library change beside its effect
     })  # no timings here: two runs must give identical metrics (speed: python -m voicetune.tools.bench_generation)

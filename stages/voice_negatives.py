@@ -16,12 +16,10 @@ from voicetune.core import blas  # before mlx: a fast BLAS on Linux
 from voicetune.core import kernels
 from voicetune.core.jsonl import write_jsonl
 from voicetune.core.params import load_params
-from voicetune.evaluate.questions import prediction_records, read_test
+from voicetune.evaluate.answers import answer_questions
+from voicetune.evaluate.questions import read_test
 from voicetune.data.qa import seeded_order
 from voicetune.models.fusion import load_float32
-from voicetune.models.generation import generate_batched, prompt_tokens
-
-from tqdm import tqdm  # noqa: E402
 
 
 def main() -> int:
@@ -40,14 +38,10 @@ def main() -> int:
     # the project's seeded draw (a prefix of seeded_order), in file order
     picked = [rows[i] for i in sorted(seeded_order(len(rows), p["seed"])[:p["voice"]["negatives"]])]
     model, tokenizer, _ = load_float32(Path(args.model))
-    prompts = [prompt_tokens(tokenizer, row["messages"]) for row in picked]
-    with tqdm(total=len(prompts), desc="voice negatives (base)", unit="answer") as bar:
-        answers = generate_batched(model, tokenizer, prompts, p["max_tokens"], p["temperature"],
-                                   p["seed"], p["batch_size"], p.get("repetition_penalty"),
-                                   progress=bar.update)
-    write_jsonl(args.out, prediction_records(tokenizer, prompts, picked, answers))
-    cut = sum(a["finish_reason"] == "length" for a in answers)
-    print(f"voice negatives: {len(answers)} base answers to training questions ({cut} hit "
+    records = answer_questions(model, tokenizer, picked, p, desc="voice negatives (base)")
+    write_jsonl(args.out, records)
+    cut = sum(r["finish_reason"] == "length" for r in records)
+    print(f"voice negatives: {len(records)} base answers to training questions ({cut} hit "
           f"{p['max_tokens']} tokens) -> {args.out}")
     return 0
 
