@@ -6,6 +6,7 @@ else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -14,9 +15,17 @@ class UserError(Exception):
     """Bad input or configuration; ``str(err)`` is the whole message for the user."""
 
 
+def _terminated(signum, frame) -> None:
+    # SIGTERM (dvc, a CI timeout, `kill`) would end the process without running any `finally`:
+    # as an exception, every atomic writer removes its temporary files on the way out
+    raise SystemExit(128 + signum)
+
+
 def run_stage(name: str, main: Callable[[], int | None]) -> None:
     """Run a stage's ``main`` and exit with its code; a ``UserError`` becomes
-    ``<name>: <message>`` on stderr and exit code 1, without a traceback."""
+    ``<name>: <message>`` on stderr and exit code 1, without a traceback. SIGTERM ends it
+    with exit code 143 after its cleanup (temporary outputs removed, the last good kept)."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main()
     except UserError as err:
