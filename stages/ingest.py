@@ -14,13 +14,11 @@ import argparse
 import sys
 
 from voicetune.core.errors import run_stage
-from voicetune.core import blas  # before mlx: a fast BLAS on Linux
-from voicetune.core import kernels
 from voicetune.data import ingest
 from voicetune.core.files import write_json_atomic
 from voicetune.core.jsonl import write_jsonl
 from voicetune.core.params import load_params
-from voicetune.data.posts import read_posts, split_passages
+from voicetune.data.posts import read_passages
 from voicetune.models import generators
 
 from tqdm import tqdm  # noqa: E402
@@ -37,22 +35,17 @@ def main() -> int:
     params = load_params(args.params)  # validates all of params.yaml, before any work
     p = params["ingest"]
 
-    posts, problems = read_posts(p["source"], keep_code=p["keep_code"], on_error=p["on_error"])
+    posts, passages, problems = read_passages(p["source"], p["max_words"], p["min_words"],
+                                              keep_code=p["keep_code"], on_error=p["on_error"])
     for problem in problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
-    passages = [x for post in posts for x in split_passages(post, p["max_words"], p["min_words"])]
     in_source = {"posts_in_source": len(posts), "passages_in_source": len(passages)}
     limited = p["limit"] is not None and p["limit"] < len(passages)
     print(f"ingest: {len(posts)} posts, {len(passages)} passages from {p['source']}"
           + (f"; the first {p['limit']} ingested (ingest.limit)" if limited else ""))
     posts, passages = ingest.limited(posts, passages, p["limit"])
 
-    if not p["endpoint"]:
-        blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
-        kernels.enable(params["kernels"]["fast_cpu"])
-    elif warning := generators.credentials_warning(p["endpoint"], "ingest"):
-        print(f"WARNING: {warning}", file=sys.stderr)
-    generator = generators.make_generator(p, args.model, "ingest")
+    generator = generators.stage_generator(p, args.model, "ingest", params["kernels"]["fast_cpu"])
     # replies: each passage's questions, then an answer per question
     with tqdm(total=len(passages) * (1 + p["questions"]), desc="ingest", unit="reply") as bar:
         rows, metrics = ingest.run(posts, passages, params["data"]["system_prompt"], generator, p,

@@ -13,8 +13,6 @@ that says why it did not run, and no verdicts.
 import argparse
 
 from voicetune.core.errors import run_stage
-from voicetune.core import blas  # before mlx: a fast BLAS on Linux
-from voicetune.core import kernels
 from voicetune.core.files import write_json_atomic, write_text_atomic
 from voicetune.core.jsonl import dumps_jsonl
 from voicetune.core.params import load_params
@@ -49,14 +47,9 @@ def main() -> int:
     questions, answers = judge.read_answers(args.eval_dir, p["limit"])
     examples = judge.example_answers(read_test(args.train, missing="run `dvc repro prepare` first"),
                                      p["examples"], p["seed"])
-    if not p["endpoint"]:
-        blas.check(verbose=False)  # warns loudly when MLX runs on the slow reference BLAS
-        kernels.enable(params["kernels"]["fast_cpu"])
-    elif warning := generators.credentials_warning(p["endpoint"], "eval.judge"):
-        print(f"WARNING: {warning}")
     # greedy: one letter, the most likely one
-    generator = generators.make_generator({**p, "temperature": 0.0, "repetition_penalty": None},
-                                          args.model, "eval.judge")
+    generator = generators.stage_generator({**p, "temperature": 0.0, "repetition_penalty": None},
+                                           args.model, "eval.judge", params["kernels"]["fast_cpu"])
     pairs = len(judge.contests([n for n in answers if n != judge.AUTHOR])) * len(questions)
     with tqdm(total=2 * pairs, desc="judge", unit="reply") as bar:
         records, metrics = judge.judge(questions, answers, examples, generator, args.cache,

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.harness.dvc_graph import assert_reads_covered, read_audit_env
+from tests.harness.fakes import FakeRewriter, serving
 from tests.harness.project import (copy_project, differing, dvc, dvc_env, make_tiny_project, outputs,
                                    ran, set_param)
 
@@ -42,10 +44,19 @@ def test_repro_then_up_to_date_then_only_prepare_reruns(project):
 
 
 @pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory, tiny_model_dir) -> Path:
+def rewriter() -> Iterator[str]:
+    """The rewrite stage's generator for the whole module: a stand-in OpenAI-compatible endpoint
+    on 127.0.0.1 (tests/harness/fakes.py's FakeRewriter), whose paraphrases pass the checks."""
+    with serving(FakeRewriter) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, tiny_model_dir, rewriter) -> Path:
     """The project configured to run every stage in about a minute: a 2-layer random Llama
-    (as a local model folder), 60 exchanges, a few iterations, short answers."""
-    return make_tiny_project(tmp_path_factory.mktemp("tiny_project") / "repo", tiny_model_dir)
+    (as a local model folder), 60 exchanges and the sample posts' rewrite pairs (task both), a
+    few iterations, short answers."""
+    return make_tiny_project(tmp_path_factory.mktemp("tiny_project") / "repo", tiny_model_dir, rewriter)
 
 
 def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
@@ -64,7 +75,8 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     assert "## Does it sound like the author?" in report
     # the judge: a local model folder is no 135M embedded model, so auto runs it
     judge = json.loads((tiny_project / "metrics/judge.json").read_text())
-    assert judge["run"] == "on" and judge["contests"]["lora_vs_base"]["pairs"] == 4
+    # (the 4 questions and the 4 rewrites: "which did the author write?" asks of both)
+    assert judge["run"] == "on" and judge["contests"]["lora_vs_base"]["pairs"] == 8
     assert "## The judge" in report
     compare = json.loads((tiny_project / "metrics/compare.json").read_text())
     assert set(compare) == {"lora_vs_base", "fused_vs_base", "fused_vs_lora", "dpo_vs_base", "dpo_vs_lora"}
@@ -76,6 +88,18 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     assert lora["n"] == 4 and lora["temperature"] == 0.0 and lora["hit_token_limit"] <= 4
     ingested = json.loads((tiny_project / "metrics/ingest.json").read_text())
     assert ingested["passages"] == 8 and (tiny_project / "data/ingested/pairs.jsonl").exists()
+    # the rewrite task, end to end: pairs from the sample posts, split by post, evaluated
+    made = json.loads((tiny_project / "metrics/rewrite.json").read_text())
+    data = json.loads((tiny_project / "metrics/data.json").read_text())
+    assert made["pairs"] == data["source"]["rewrite"]["pairs"] > 20
+    assert all(data["tasks"][name]["rewrite"] >= 1 for name in ("train", "valid", "test"))
+    for name in ("base", "lora", "fused", "dpo"):
+        rw = json.loads((tiny_project / f"metrics/eval_{name}.json").read_text())["rewrite"]
+        assert rw["n"] == min(4, data["tasks"]["test"]["rewrite"]) and rw["max_tokens"] == 10
+        assert json.loads((tiny_project / f"metrics/eval_{name}.json").read_text())["n"] == 4
+    assert set(compare["lora_vs_base"]["rewrite"]) >= {"chrf", "rouge_l", "content_kept", "length_off"}
+    assert voice["rewrite"]["questions"] == rw["n"]
+    assert "## Rewrites: a plain draft in the author's voice" in report
     shown = json.loads(dvc(tiny_project, "metrics", "show", "--json").stdout)
     assert "metrics/eval_fused.json" in json.dumps(shown)
 
@@ -100,6 +124,26 @@ def test_full_pipeline_on_a_tiny_model(tiny_project, tmp_path):
     retrained = dvc(tiny_project, "repro").stdout
     assert "Running stage 'train'" in retrained and "Running stage 'fuse'" in retrained
     assert "Running stage 'prepare'" not in retrained and "Running stage 'base_model'" not in retrained
+
+    # changing only data.task: the rewrite pairs are remade (none for qa), the data prepared and
+    # everything downstream of it rerun; ingest and the base model are not touched
+    both = {p: (tiny_project / p).read_bytes() for p in ("data/rewrite/pairs.jsonl", "data/processed/test.jsonl")}
+    set_param(tiny_project, "data", "task", "qa")
+    task_qa = dvc(tiny_project, "repro").stdout
+    assert {"rewrite", "prepare", "train", "evaluate@base", "voice", "report"} <= ran(task_qa)
+    assert not {"ingest", "base_model"} & ran(task_qa)
+    assert "rewrite" not in json.loads((tiny_project / "metrics/eval_base.json").read_text())
+    assert (tiny_project / "data/rewrite/pairs.jsonl").read_text() == ""
+    # and back: the same pairs, every reply from the cache, the same samples
+    set_param(tiny_project, "data", "task", "both")
+    dvc(tiny_project, "repro")
+    assert {p: (tiny_project / p).read_bytes() for p in both} == both
+    again = json.loads((tiny_project / "metrics/rewrite.json").read_text())
+    assert again["cache_hits"] == made["passages"] and again["passages_generated"] == 0
+    assert "rewrite" in json.loads((tiny_project / "metrics/eval_base.json").read_text())
+    predictions = (tiny_project / "data/eval/lora.jsonl").read_bytes()
+    dvc(tiny_project, "repro", "-f", "-s", "evaluate@lora")
+    assert (tiny_project / "data/eval/lora.jsonl").read_bytes() == predictions
 
 
 def test_a_vote_reruns_only_arena_pairs_and_report(tiny_project):

@@ -375,3 +375,28 @@ def test_judge_run_on_and_off_read_as_yaml_booleans_are_accepted_and_old_files_g
     loaded = load_params(write(tmp_path, params))["eval"]
     assert loaded["voice"] == {"negatives": 48, "window_chars": 160, "char_ngrams": [2, 4], "C": 1.0}
     assert loaded["judge"]["run"] == "auto" and loaded["judge"]["endpoint"] is None
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda p: p["data"].update(task="summarize"),
+     ['params.yaml: data.task: got "summarize"; expected one of qa, rewrite, both']),
+    (lambda p: p["data"].update(rewrite_ratio=0),
+     ["params.yaml: data.rewrite_ratio: got 0; expected a number > 0 (both: at most this many "
+      "rewrite training samples per Q&A one, a seeded draw) or null (all)"]),
+    (lambda p: p["rewrite"].update(length_ratio=[1.5, 0.5]),
+     ["params.yaml: rewrite.length_ratio: got [1.5, 0.5]; expected [low, high], 0 < low <= high"]),
+    (lambda p: p["rewrite"].update(max_copied=1.5),
+     ["params.yaml: rewrite.max_copied: got 1.5; expected a number in [0, 1]"]),
+])
+def test_rewrite_problems_are_one_line_each(tmp_path, monkeypatch, change, expected):
+    assert problems_of(tmp_path, monkeypatch, change) == expected
+
+
+def test_a_params_file_from_before_the_rewrite_task_trains_on_qa_only(tmp_path):
+    params = copy.deepcopy(COMMITTED)
+    del params["rewrite"], params["data"]["task"], params["data"]["rewrite_ratio"]
+    del params["eval"]["rewrite_max_tokens"]
+    loaded = load_params(write(tmp_path, params))
+    assert loaded["data"]["task"] == "qa" and loaded["data"]["rewrite_ratio"] is None
+    assert loaded["rewrite"]["endpoint"] is None and loaded["rewrite"]["length_ratio"] == [0.5, 1.5]
+    assert loaded["eval"]["rewrite_max_tokens"] == 192

@@ -18,7 +18,7 @@ def params_file(tmp_path, source, batch_size=2, max_seq_length=43, **data):
     """The project's params.yaml (every section is required) with these data/train values."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update({"source": str(source), "system_prompt": PERSONA, "seed": 7,
-                           "valid_ratio": 0.1, "test_ratio": 0.1, "split_by": "exchange", **data})
+                           "valid_ratio": 0.1, "test_ratio": 0.1, "split_by": "exchange", "task": "qa", **data})
     params["train"].update({"batch_size": batch_size, "iters": 100, "max_seq_length": max_seq_length})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -151,3 +151,81 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"prepare: {tmp_path / 'no-model'}: no model folder" in result.stderr
     assert "dvc repro base_model" in result.stderr
+
+
+# ------------------------------------------------------------------------------ the rewrite task
+def rewrite_pair(post: int, i: int) -> dict:
+    draft = f"Post {post}, passage {i}: the sailor reefs early and checks the barometer every hour."
+    original = f"Post {post}, passage {i}: I reef early, and I read my barometer every hour, always."
+    return {"conversation": [{"role": "user", "content": f"Rewrite this in my voice:\n\n{draft}"},
+                             {"role": "assistant", "content": original}],
+            "task": "rewrite", "post_id": f"post-{post}.md", "passage_id": f"p{i}"}
+
+
+def prepare_task(tmp_path, model_dir, source, rewrites, out, **data):
+    params = params_file(tmp_path, source, batch_size=2, max_seq_length=512, **data)
+    return run_stage("prepare.py", "--params", str(params), "--model", str(model_dir),
+                     "--out", str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json"),
+                     "--rewrites", str(rewrites))
+
+
+def read_rows(folder, name):
+    return [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_task_both_adds_rewrites_split_by_post_and_leaves_the_qa_samples_as_they_were(tmp_path, base_model_dir):
+    source = write_jsonl(tmp_path / "qa.jsonl", [qa(i) for i in range(40)])
+    rewrites = write_jsonl(tmp_path / "rewrites.jsonl", [rewrite_pair(p, i) for p in range(6) for i in range(3)])
+    assert prepare_task(tmp_path, base_model_dir, source, rewrites, "qa_only", task="qa").returncode == 0
+    result = prepare_task(tmp_path, base_model_dir, source, rewrites, "both", task="both")
+    assert result.returncode == 0, result.stderr
+    assert "rewrite samples: train 12 / valid 3 / test 3" in result.stdout
+    posts = {}
+    for name in ("train", "valid", "test"):
+        qa_only = (tmp_path / "qa_only" / f"{name}.jsonl").read_text().splitlines()
+        lines = (tmp_path / "both" / f"{name}.jsonl").read_text().splitlines()
+        # the Q&A samples first, byte for byte those of task qa; then the rewrites, marked
+        assert lines[:len(qa_only)] == qa_only
+        rows = [json.loads(line) for line in lines[len(qa_only):]]
+        assert rows and all(r["task"] == "rewrite" for r in rows)
+        for r in rows:
+            system, user, assistant = r["messages"]
+            assert system == {"role": "system", "content": PERSONA}
+            assert user["content"].startswith("Rewrite this in my voice:\n\nPost ")
+            assert assistant["content"].split(":")[0] == user["content"].split("\n\n")[1].split(":")[0]
+            posts.setdefault(assistant["content"].split(",")[0], set()).add(name)
+    # every post's passages in one split only: 6 posts, 3 passages each
+    assert len(posts) == 6 and all(len(splits) == 1 for splits in posts.values())
+    summary = json.loads((tmp_path / "both.json").read_text())
+    assert summary["task"] == "both" and summary["total"] == 58
+    assert summary["tasks"] == {"train": {"qa": 32, "rewrite": 12}, "valid": {"qa": 4, "rewrite": 3},
+                                "test": {"qa": 4, "rewrite": 3}}
+    assert summary["source"]["rewrite"] == {"path": str(rewrites), "pairs": 18}
+
+    # rewrite_ratio: at most 0.1 rewrite training samples per Q&A one, a seeded draw
+    result = prepare_task(tmp_path, base_model_dir, source, rewrites, "capped", task="both", rewrite_ratio=0.1)
+    assert result.returncode == 0, result.stderr
+    capped = [r for r in read_rows(tmp_path / "capped", "train") if r.get("task") == "rewrite"]
+    both = [r for r in read_rows(tmp_path / "both", "train") if r.get("task") == "rewrite"]
+    assert len(capped) == 3 and all(r in both for r in capped)
+    assert read_rows(tmp_path / "capped", "test") == read_rows(tmp_path / "both", "test")
+
+    # task rewrite: the rewrites alone, the Q&A source not even read
+    result = prepare_task(tmp_path, base_model_dir, tmp_path / "absent.jsonl", rewrites, "rw", task="rewrite")
+    assert result.returncode == 0, result.stderr
+    assert all(r.get("task") == "rewrite" for name in ("train", "valid", "test")
+               for r in read_rows(tmp_path / "rw", name))
+
+
+def test_no_rewrite_pairs_refuses_task_rewrite_and_warns_for_both(tmp_path, base_model_dir):
+    source = write_jsonl(tmp_path / "qa.jsonl", [qa(i) for i in range(40)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    refused = prepare_task(tmp_path, base_model_dir, source, empty, "rw", task="rewrite")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "holds no rewrite pair" in refused.stderr and "set data.task to qa" in refused.stderr
+    assert not (tmp_path / "rw").exists()
+    warned = prepare_task(tmp_path, base_model_dir, source, empty, "both", task="both")
+    assert warned.returncode == 0 and "training on Q&A only" in warned.stderr
+    missing = prepare_task(tmp_path, base_model_dir, source, tmp_path / "none.jsonl", "m", task="both")
+    assert missing.returncode == 1 and "dvc repro rewrite" in missing.stderr

@@ -75,7 +75,8 @@ def test_plots_are_written(tmp_path):
     (metrics / "train_loss.tsv").write_text("timestamp\tstep\ttrain_loss\n1\t5\t3.0\n2\t10\t2.5\n")
     (metrics / "val_loss.tsv").write_text("timestamp\tstep\tval_loss\n1\t0\t3.2\n2\t10\t2.7\n")
     files = report.plot_all(report.per_question(RUNS), RUNS, tmp_path / "live", tmp_path / "plots")
-    assert [f.name for f in files] == ["loss.png", "overlap.png", "lengths.png"]
+    # the rewrites' plot is written too, saying there are none (DVC expects every declared plot)
+    assert [f.name for f in files] == ["loss.png", "overlap.png", "lengths.png", "rewrites.png"]
     for f in files:
         assert f.read_bytes().startswith(b"\x89PNG") and f.stat().st_size > 5000
 
@@ -121,3 +122,64 @@ def test_the_report_replaces_its_plots_and_keeps_the_arena_plot(tmp_path):
             raise RuntimeError("plotting failed")
     assert (plots / "loss.png").read_bytes() == b"new loss"
     assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["plots"]  # no temp left
+
+
+# ------------------------------------------------------------------------------ rewrites
+def rewrite_row(draft, original, prediction):
+    from voicetune.data.rewrite import user_message
+    return {"question": user_message(draft), "reference": original, "prediction": prediction,
+            "task": "rewrite", "finish_reason": "stop"}
+
+
+ORIGINAL = "I reef early, and I have never once regretted it."
+REWRITES = {
+    "base": [rewrite_row("Reef early; it is never regretted.", ORIGINAL, "Reef early; it is never regretted.")],
+    "lora": [rewrite_row("Reef early; it is never regretted.", ORIGINAL, ORIGINAL)],
+}
+
+
+def rewrite_summaries():
+    from voicetune.evaluate import rewrites
+    return {name: {"rewrite": rewrites.score(rows)[0]} for name, rows in REWRITES.items()}
+
+
+def rewrite_comps():
+    from voicetune.evaluate import rewrites
+    values = {name: rewrites.per_rewrite(rows) for name, rows in REWRITES.items()}
+    return {pair: {"rewrite": c} for pair, c in report.rewrite_comparisons(values, seed=0).items()}
+
+
+def test_the_rewrite_section_shows_both_sides_against_base():
+    summaries_ = {name: {**s, **rewrite_summaries()[name]} for name, s in summaries().items()}
+    comps = report.comparisons(report.per_question(RUNS), seed=0)
+    for pair, c in rewrite_comps().items():
+        comps[pair].update(c)
+    text = report.markdown(summaries_, comps, train={}, fuse={}, runs=RUNS, examples=1, seed=0,
+                           plots=["plots/loss.png", "plots/rewrites.png"], rewrite_runs=REWRITES)
+    assert "## Rewrites: a plain draft in the author's voice" in text
+    # lora returned the original itself: chrF 100; base returned the draft: all of it copied
+    assert "| lora | 100.0 | 1.0000 |" in text
+    assert "| base |" in text and "| 1.00 | 1.00 |" in text  # base: content kept 1.00, copied 1.00
+    assert "![rewrites: chrF against the original vs the draft's content kept](plots/rewrites.png)" in text
+    assert "![rewrites](plots/rewrites.png)" not in text  # shown in its section, not again
+    assert "*Draft:* Reef early; it is never regretted." in text and f"*The author's original:* {ORIGINAL}" in text
+    assert "- **lora vs base**: chrF (+" in text
+
+
+def test_a_report_of_rewrites_only_has_no_qa_table(tmp_path):
+    empty = {"base": [], "lora": []}
+    text = report.markdown(rewrite_summaries(), rewrite_comps(), train={}, fuse={}, runs=empty, examples=2,
+                           seed=0, plots=[], voice={"rewrite": {}}, rewrite_runs=REWRITES)
+    assert "No Q&A questions in the test split (data.task: rewrite)" in text
+    assert "| model | mean overlap" not in text and "## Examples" not in text
+    assert "## Rewrites: a plain draft in the author's voice" in text
+    assert "No Q&A answers to score" in text
+    metrics = tmp_path / "live/plots/metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "train_loss.tsv").write_text("timestamp\tstep\ttrain_loss\n1\t5\t3.0\n")
+    (metrics / "val_loss.tsv").write_text("timestamp\tstep\tval_loss\n1\t0\t3.2\n")
+    from voicetune.evaluate import rewrites
+    files = report.plot_all({}, empty, tmp_path / "live", tmp_path / "plots", voice={"rewrite": {}},
+                            rewrite_values={n: rewrites.per_rewrite(r) for n, r in REWRITES.items()})
+    assert [f.name for f in files] == ["loss.png", "overlap.png", "lengths.png", "voice.png", "rewrites.png"]
+    assert all(f.read_bytes().startswith(b"\x89PNG") for f in files)

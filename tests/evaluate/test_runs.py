@@ -17,6 +17,8 @@ def row(rev, rank, loss, low, env="0.32.4", typ="baseline"):
             "models.lora.gap_closed.ci95_low": 0.441, "models.lora.gap_closed.ci95_high": 0.612,
             "dpo_vs_lora.word_overlap.mean_difference": -0.006,
             "dpo_vs_lora.word_overlap.ci95_low": -0.018, "dpo_vs_lora.word_overlap.ci95_high": 0.005,
+            "lora_vs_base.rewrite.chrf.mean_difference": 11.78, "lora_vs_base.rewrite.chrf.ci95_low": 2.09,
+            "lora_vs_base.rewrite.chrf.ci95_high": 19.43,
             "metrics/train.json:environment.mlx": env,
             "metrics/train.json:environment.python": "3.11.7"}
 
@@ -30,9 +32,11 @@ def test_only_changed_params_the_curated_metrics_and_differing_versions():
     headers, table = curate(rows)
     assert headers == ["run", "lora.rank", "best val loss", "overlap Δ", "overlap 95% CI",
                        "ROUGE-L Δ", "ROUGE-L 95% CI", "voice P(author)", "voice gap closed (95% CI)",
-                       "DPO−LoRA overlap Δ", "DPO−LoRA 95% CI", "mlx"]  # not data.seed, python, tokens/s
+                       "DPO−LoRA overlap Δ", "DPO−LoRA 95% CI", "rewrite chrF Δ (95% CI)",
+                       "mlx"]  # not data.seed, python, tokens/s
     assert table[1] == ["main", "16", "3.5349", "+0.0200", "-0.0010 … +0.0300", "+0.0300",
-                        "+0.0200 … +0.0400", "0.555", "53% (44% … 61%)", "-0.0060", "-0.0180 … +0.0050", "0.32.4"]
+                        "+0.0200 … +0.0400", "0.555", "53% (44% … 61%)", "-0.0060", "-0.0180 … +0.0050",
+                        "+11.8 (+2.1 … +19.4)", "0.32.4"]
     assert table[2][0].endswith("exp-1") and table[0][-1] == "0.33.0"
     text = render(headers, table)
     assert text.splitlines()[0].startswith("run") and "-0.0010 … +0.0300" in text

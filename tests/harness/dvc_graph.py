@@ -79,10 +79,11 @@ ATOMIC_TEMP = re.compile(r"^\.(.+)\.(tmp|old)-[^/]*$")
 # dvc.lock for arena and pairs: the train entry's md5 of models/adapters is the adapter the votes judged.
 # DVC rewrites dvc.lock after every stage, so it cannot be a dep; models/adapters is, and that
 # entry changes exactly when models/adapters does. The preference stage resumes from its own
-# checkpoint as train does; ingest reads its per-passage cache of replies.
+# checkpoint as train does; ingest and rewrite read their caches of replies.
 NOT_DEPS = {"train": ["models/.train-checkpoint"], "model_source": ["models/.source-hashes.json"],
             "arena": ["dvc.lock"], "pairs": ["dvc.lock"],
-            "preference": ["models/.preference-checkpoint"], "ingest": ["cache/ingest"]}
+            "preference": ["models/.preference-checkpoint"], "ingest": ["cache/ingest"],
+            "rewrite": ["cache/rewrite"]}
 
 
 def read_audit_env(project: Path, log_dir: Path) -> dict:

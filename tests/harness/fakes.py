@@ -86,6 +86,27 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         pass
 
 
+def plain_version(text: str) -> str:
+    """A paraphrase that passes the rewrite stage's default checks, made without a model: the
+    author's pronouns turned to the third person and every fourth word left out (no run of 6
+    words is copied, about three quarters of the content is kept)."""
+    third = {"i": "she", "me": "her", "my": "her", "we": "they", "our": "their", "us": "them",
+             "i'm": "she's", "i've": "she has", "i'd": "she would", "i'll": "she will"}
+    words = [third.get(w.lower(), w) for w in text.split()]
+    return " ".join(w for i, w in enumerate(words) if i % 4 != 3)
+
+
+class FakeRewriter(FakeOpenAI):
+    """The rewrite stage's generator: ``plain_version`` of the text after the prompt's "\n\n"."""
+
+    seen_auth: list = []
+    seen_paths: list = []
+    seen_messages: list = []
+
+    def answer(self, messages):
+        return Reply(plain_version(messages[-1]["content"].split(":\n\n", 1)[1]), "stop")
+
+
 class FakeJudge(FakeOpenAI):
     """A judge: ``choose(first, second)`` -> its reply, given the two answers the judge prompt
     shows ("Answer A:\n...\n\nAnswer B:\n...\n\n"). Records what FakeOpenAI records."""

@@ -80,8 +80,11 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def make_tiny_project(dest: Path, model_dir: Path) -> Path:
-    """A scratch copy of the project at ``dest`` with params for a fast run on ``model_dir``."""
+def make_tiny_project(dest: Path, model_dir: Path, rewriter: str | None = None) -> Path:
+    """A scratch copy of the project at ``dest`` with params for a fast run on ``model_dir``.
+    ``rewriter``: the base URL of the rewrite stage's generator (a stand-in endpoint such as
+    ``fakes.FakeRewriter``: a random model's paraphrases pass no check), and the task is both;
+    without one the task is qa."""
     copy_project(dest)
     lines = (ROOT / "data/sample/tilly_brask.jsonl").read_text().splitlines()
     (dest / "data/sample/small.jsonl").write_text("\n".join(sorted(lines, key=len)[:60]) + "\n")
@@ -101,4 +104,7 @@ def make_tiny_project(dest: Path, model_dir: Path) -> Path:
         set_param(dest, "preference", key, value)
     for key, value in {"limit": 8, "questions": 1, "max_tokens": 8, "batch_size": 32}.items():
         set_param(dest, "ingest", key, value)
+    set_param(dest, "data", "task", "both" if rewriter else "qa")
+    set_param(dest, "rewrite", "endpoint", rewriter)
+    set_param(dest, "eval", "rewrite_max_tokens", 10)
     return dest

@@ -81,6 +81,12 @@ class DataParams(_Section):
     valid_ratio: Ratio
     test_ratio: Ratio
     split_by: Literal["exchange", "conversation", "post"] = "conversation"
+    # qa: the Q&A pairs of `source`; rewrite: the rewrite pairs of the rewrite stage (a plain
+    # draft -> the author's original passage); both: the two mixed
+    task: Literal["qa", "rewrite", "both"] = "qa"
+    rewrite_ratio: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description=(
+        "a number > 0 (both: at most this many rewrite training samples per Q&A one, a seeded "
+        "draw) or null (all)"))
 
     @model_validator(mode="after")
     def _something_left_to_train_on(self):
@@ -192,6 +198,8 @@ class JudgeParams(_Section):
 
 class EvalParams(_Section):
     max_tokens: int = Field(ge=1)
+    # a rewrite is as long as its draft: its own limit (the Q&A answers keep max_tokens)
+    rewrite_max_tokens: int = Field(192, ge=1)
     temperature: float = Field(ge=0, allow_inf_nan=False)
     seed: Seed
     repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
@@ -309,6 +317,37 @@ class IngestParams(_Section):
     trim_cut: bool = True
 
 
+def _low_high(value: list[float]) -> list[float]:
+    if value[0] > value[1]:
+        raise PydanticCustomError("low_high", "expected [low, high] with low <= high")
+    return value
+
+
+class RewriteParams(_Section):
+    """The rewrite task's data (stage rewrite): each passage of ingest.source's posts paraphrased
+    plainly by a generator (the base model in-process, or an OpenAI-compatible endpoint),
+    validated; the model learns to map the plain draft back to the author's original."""
+    endpoint: EndpointUrl = None
+    endpoint_model: str = Field("default_model", min_length=1)
+    api_key_env: KeyVariable = None
+    timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
+    max_words: int = Field(80, ge=20)  # passage length: drafts the size of a short email
+    min_words: int = Field(25, ge=1)
+    limit: Optional[int] = Field(None, ge=1, description=(
+        "an integer >= 1 (the first N passages) or null (all)"))
+    max_tokens: int = Field(256, ge=8)
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(1.1, gt=0, allow_inf_nan=False)
+    seed: Seed = 0
+    batch_size: int = Field(16, ge=1)
+    min_content: float = Field(0.4, ge=0, le=1, allow_inf_nan=False)
+    length_ratio: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]],
+                            Field(min_length=2, max_length=2), AfterValidator(_low_high)] = Field(
+        default_factory=lambda: [0.5, 1.5], description="[low, high], 0 < low <= high")
+    max_copied: float = Field(0.7, ge=0, le=1, allow_inf_nan=False)
+    min_style_distance: float = Field(0.05, ge=0, le=1, allow_inf_nan=False)
+
+
 class Params(_Section):
     model: ModelParams
     data: DataParams
@@ -321,6 +360,7 @@ class Params(_Section):
     preference: PreferenceParams
     kernels: KernelsParams = Field(default_factory=KernelsParams)
     ingest: IngestParams = Field(default_factory=IngestParams)
+    rewrite: RewriteParams = Field(default_factory=RewriteParams)
 
 
 # ------------------------------------------------------------------------------ reading

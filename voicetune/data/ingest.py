@@ -15,13 +15,13 @@ passages, a killed run resumes, and changing a validation threshold regenerates 
 """
 from __future__ import annotations
 
-import difflib
 import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 from voicetune.data.qa import normalized
+from voicetune.data.text import MARKUP, content_words, copied_share
 from voicetune.core.files import write_json_atomic
 from voicetune.models.generators import GeneratorError, Reply, cache_digest, read_record
 
@@ -45,20 +45,6 @@ REASONS = {
 # the generator's errors (an endpoint that fails, a missing model), by the name ingest's callers know
 IngestError = GeneratorError
 
-COPY_RUN = 6  # words: a shared run this long is copying, not a phrase that happens to recur
-
-# Words that carry no content: grounding compares what remains. A short list on purpose;
-# first-person pronouns are here too, since the answer rewrites the passage's "I" as its own.
-STOPWORDS = frozenset("""
-a about above after again against all also am an and any are as at be because been before
-being below between both but by can could did do does doing down during each few for from
-further had has have having he her here hers herself him himself his how i if in into is it
-its itself just like me more most my myself no nor not now of off on once only or other our
-ours ourselves out over own really same she should so some such than that the their theirs
-them themselves then there these they this those through to too under until up very was we
-were what when where which while who whom why will with would you your yours yourself
-yourselves one get got make made thing things much many way even well still back know think
-""".split())
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -80,7 +66,7 @@ def answer_chat(persona: str, text: str, question: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------ parsing
 _ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•]|Q\d*[.:])\s*(.*)$")
-_MARKUP = re.compile(r"<\|[^|]*\|>|<question>|<answer>")
+
 
 
 def parse_questions(text: str, n: int) -> tuple[list[str], dict[str, int]]:
@@ -93,7 +79,7 @@ def parse_questions(text: str, n: int) -> tuple[list[str], dict[str, int]]:
     if not items:  # a model that skipped the numbers: each line that asks something
         items = [line.strip() for line in text.splitlines() if line.strip().endswith("?")]
     for item in items[:n]:  # the first n items answer the request; more are ignored
-        if _MARKUP.search(item):
+        if MARKUP.search(item):
             reason = "markup"
         elif not item.endswith("?") or len(item.split()) < 3:
             reason = "not_a_question"
@@ -106,26 +92,10 @@ def parse_questions(text: str, n: int) -> tuple[list[str], dict[str, int]]:
     return questions, rejected
 
 
-def content_words(text: str) -> set[str]:
-    """Lower-cased words of 3+ letters that are not stopwords, a plural 's' dropped."""
-    words = re.findall(r"[^\W\d_]{3,}", text.casefold())
-    return {w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words if w not in STOPWORDS}
-
-
 def grounding(answer: str, passage: str) -> float:
     """The share of the answer's content words that the passage has too."""
     mine = content_words(answer)
     return len(mine & content_words(passage)) / len(mine) if mine else 0.0
-
-
-def copied_share(answer: str, passage: str) -> float:
-    """The share of the answer's words that lie in runs of COPY_RUN+ words found verbatim
-    (case and punctuation aside) in the passage."""
-    a, b = normalized(answer).split(), normalized(passage).split()
-    if not a:
-        return 0.0
-    blocks = difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
-    return sum(blk.size for blk in blocks if blk.size >= COPY_RUN) / len(a)
 
 
 # A sentence ends at . ! or ? (closing quotes and brackets allowed) before a space or the end.
@@ -149,7 +119,7 @@ def check_answer(reply: Reply, passage: str, p: dict) -> tuple[str | None, str]:
         text = whole_sentences(text) if p["trim_cut"] else ""
         if len(text.split()) < p["min_answer_words"]:
             return "cut", text
-    if _MARKUP.search(text):
+    if MARKUP.search(text):
         return "markup", text
     words = len(text.split())
     if words < p["min_answer_words"]:

@@ -722,3 +722,11 @@ def split_passages(post: Post, max_words: int, min_words: int = 40) -> list[Pass
             passages.append(Passage(post.id, f"{post.id}#p{n}", heading, text,
                                     hashlib.sha256(key.encode("utf-8")).hexdigest()))
     return passages
+
+
+def read_passages(source: str | Path, max_words: int, min_words: int, *, keep_code: bool = False,
+                  on_error: str = "skip") -> tuple[list[Post], list[Passage], list[Problem]]:
+    """The posts of ``source`` (``read_posts``), all their passages in order, and the problems
+    (the posts skipped): what the stages that generate from posts (ingest, rewrite) start from."""
+    posts, problems = read_posts(source, keep_code=keep_code, on_error=on_error)
+    return posts, [x for post in posts for x in split_passages(post, max_words, min_words)], problems

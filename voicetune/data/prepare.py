@@ -53,7 +53,9 @@ def samples(splits: dict[str, list[qa.Exchange]], system_prompt: str, tokenizer,
     lists every sample it renders wrongly."""
     rows, lengths, problems = {}, {}, []
     for name, exchanges in splits.items():
-        rows[name] = [{"messages": qa.to_messages(ex, system_prompt)} for ex in exchanges]
+        # a rewrite sample says so; a Q&A one stays as it always was (no key)
+        rows[name] = [{"messages": qa.to_messages(ex, system_prompt),
+                       **({"task": ex.task} if ex.task != "qa" else {})} for ex in exchanges]
         lengths[name] = []
         for ex, row in zip(exchanges, rows[name]):
             why = check_rendered(render(tokenizer, row["messages"]), row["messages"], profile)
@@ -63,6 +65,39 @@ def samples(splits: dict[str, list[qa.Exchange]], system_prompt: str, tokenizer,
     if problems:
         raise ChatTemplateError(str(qa.DataError(problems, header="chat template check failed")))
     return rows, lengths
+
+
+def read_rewrites(path: str | Path, forbidden) -> list[qa.Exchange]:
+    """The rewrite stage's pairs at ``path`` as exchanges (none when the file is empty)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no rewrite pairs; run `dvc repro rewrite` (data.task asks for them)")
+    if not Path(path).read_text(encoding="utf-8").strip():
+        return []
+    return qa.load_exchanges([path], forbidden=forbidden)
+
+
+def split_rewrites(exchanges: list[qa.Exchange], p: dict) -> dict[str, list[qa.Exchange]]:
+    """The rewrite pairs split by post with the ``data`` params' seed and ratios, test and
+    valid given at least one post each (a sample set is small): a post's passages never
+    straddle splits, so no test passage was trained on through its neighbours."""
+    return qa.split(exchanges, p["seed"], p["valid_ratio"], p["test_ratio"], by="post", at_least=1)
+
+
+def mix(qa_splits: dict, rewrite_splits: dict, ratio: float | None, seed: int) -> dict:
+    """Each split's Q&A exchanges then its rewrite ones; with ``ratio`` (data.rewrite_ratio)
+    the training rewrites are a seeded draw of at most ``ratio`` per Q&A training exchange."""
+    train = rewrite_splits["train"]
+    if ratio is not None and len(train) > ratio * len(qa_splits["train"]):
+        keep = sorted(qa.seeded_order(len(train), seed)[:math.floor(ratio * len(qa_splits["train"]))])
+        train = [train[i] for i in keep]
+    return {name: qa_splits[name] + (train if name == "train" else rewrite_splits[name])
+            for name in ("train", "valid", "test")}
+
+
+def task_counts(rows: dict[str, list[dict]]) -> dict:
+    """Each split's samples per task."""
+    return {name: {task: sum(r.get("task", "qa") == task for r in split_rows) for task in qa.TASKS}
+            for name, split_rows in rows.items()}
 
 
 def summary(source: dict, rows: dict[str, list[dict]], lengths: dict[str, list[qa.Length]],
@@ -75,6 +110,7 @@ def summary(source: dict, rows: dict[str, list[dict]], lengths: dict[str, list[q
     return {
         "source": source,  # what was read: the path(s), or the hub dataset at its commit sha
         "samples": {name: len(r) for name, r in rows.items()},
+        "tasks": task_counts(rows),
         "total": total,
         "duplicates_dropped": duplicates + conflicts,  # conflicts included
         "conflicting_answers": conflicts,

@@ -28,6 +28,7 @@ from voicetune.core.errors import UserError
 from voicetune.core.jsonl import decoded_lines, iter_jsonl
 
 ROLES = ("system", "user", "assistant")
+TASKS = ("qa", "rewrite")  # a row's "task" (absent: qa)
 SHAPES = (
     '{"conversation": [{"role", "content"}, ...]}',
     '{"messages": [...]}',
@@ -59,6 +60,7 @@ class Exchange:
     where: str  # "file:line" of the row it came from
     group: int  # index of the source row (conversation), for grouped splits
     post: str | None = None  # the row's post_id (rows written by the ingest stage), for split_by post
+    task: str = "qa"  # "rewrite": a plain draft -> the author's original (the rewrite stage's rows)
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, object, str | None]]:
@@ -130,6 +132,9 @@ def exchanges_from_row(row: object, where: str, group: int, forbidden: Iterable[
     if not isinstance(messages, list) or not messages:
         return [], [f"{where}: field '{key}' must be a non-empty list of messages"]
     problems, turns = [], []
+    task = row.get("task", "qa")
+    if task not in TASKS:
+        problems.append(f"{where}: field 'task': got {task!r}; expected one of {', '.join(TASKS)}")
     for i, msg in enumerate(messages):
         field = msg.get("_field") if isinstance(msg, dict) and "_field" in msg else f"{key}[{i}]"
         if not isinstance(msg, dict):
@@ -174,7 +179,7 @@ def exchanges_from_row(row: object, where: str, group: int, forbidden: Iterable[
                 break
             post = row.get("post_id")
             exchanges.append(Exchange(pair[0][1], pair[1][1], where, group,
-                                      post if isinstance(post, str) else None))
+                                      post if isinstance(post, str) else None, task))
     return exchanges, problems
 
 
@@ -239,7 +244,7 @@ def seeded_order(n: int, seed: int) -> list[int]:
 
 
 def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: float,
-          by: str = "conversation") -> dict[str, list[Exchange]]:
+          by: str = "conversation", at_least: int = 0) -> dict[str, list[Exchange]]:
     """Seeded 3-way split: test = floor(test_ratio*n), valid = floor(valid_ratio*n), train = rest.
 
     With ``by="conversation"`` (the default) whole source rows go to one split: the later
@@ -248,6 +253,8 @@ def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: 
     size. ``by="post"`` does the same with every exchange of one post (the ``post_id`` of rows
     the ingest stage writes): questions about one post would otherwise be tested on answers
     trained from its other passages. ``by="exchange"`` shuffles the exchanges themselves.
+    ``at_least``: test and valid get at least this many exchanges each (whole groups) when
+    there are 3 groups or more: a small set split by post still tests something.
     """
     if not (0 <= valid_ratio < 1 and 0 <= test_ratio < 1 and valid_ratio + test_ratio < 1):
         raise ValueError(f"data.valid_ratio={valid_ratio} and data.test_ratio={test_ratio} "
@@ -270,6 +277,8 @@ def split(exchanges: list[Exchange], seed: int, valid_ratio: float, test_ratio: 
     for ex in exchanges:
         groups.setdefault(ex.post if by == "post" else ex.group, []).append(ex)
     keys = sorted(groups)
+    if len(keys) >= 3:
+        n_test, n_valid = max(n_test, at_least), max(n_valid, at_least)
     out = {"test": [], "valid": [], "train": []}
     for i in seeded_order(len(keys), seed):
         members = groups[keys[i]]

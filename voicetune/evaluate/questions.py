@@ -23,15 +23,17 @@ def read_test(path: str | Path, missing: str | None = None) -> list[dict]:
 
 def battle_questions(path: str | Path) -> list[dict]:
     """The test split as the arena's questions: the conversation up to its last question (the
-    evaluate stage's prompt), the question, and the author's answer (shown after the vote).
-    No file, no questions."""
-    return [{"messages": m[:-1], "question": m[-2]["content"], "reference": m[-1]["content"]}
-            for m in (row["messages"] for row in read_test(path))]
+    evaluate stage's prompt), the question, the author's answer (shown after the vote) and the
+    task (qa, or rewrite: the question is the instruction and a draft). No file, no questions."""
+    return [{"messages": row["messages"][:-1], "question": row["messages"][-2]["content"],
+             "reference": row["messages"][-1]["content"], "task": row.get("task", "qa")}
+            for row in read_test(path)]
 
 
 def prediction_records(tokenizer, prompts: list, rows: list[dict], answers: list[dict]) -> list[dict]:
     """One predictions row per question (data/eval/<model>.jsonl): the prompt as the model saw
     it, the question, the author's answer, and the model's (prediction, tokens, finish_reason)."""
     return [{"prompt": tokenizer.decode(prompt), "question": row["messages"][-2]["content"],
-             "reference": row["messages"][-1]["content"], **answer}
+             "reference": row["messages"][-1]["content"], **answer,
+             **({"task": row["task"]} if "task" in row else {})}  # a Q&A row as it always was
             for prompt, row, answer in zip(prompts, rows, answers)]

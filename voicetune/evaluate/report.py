@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from voicetune.core.errors import UserError
+from voicetune.data.rewrite import draft_of
+from voicetune.evaluate import rewrites
 from voicetune.evaluate.metrics import compare, score
 from voicetune.evaluate.ratings import markdown as ratings_markdown
 from voicetune.evaluate.style_control import markdown as style_control_markdown
@@ -53,6 +55,73 @@ def comparisons(values: dict[str, dict[str, list[float]]], seed: int) -> dict:
             result[f"{new}_vs_{old}"]["length_gap_reduction"] = compare(
                 values[new]["length_gap"], values[old]["length_gap"], seed, lower_is_better=True)
     return result
+
+
+def rewrite_comparisons(values: dict[str, dict[str, list[float]]], seed: int) -> dict:
+    """Each pair's paired comparisons on the rewrites (``rewrites.COMPARED``, and the voice
+    score where given), oriented so that a positive difference is better: ``length_off``, the
+    distance of the length ratio from 1, is lower-is-better."""
+    result = {}
+    for new, old in PAIRS:
+        if new in values and old in values:
+            result[f"{new}_vs_{old}"] = {
+                metric: compare(values[new][metric], values[old][metric], seed,
+                                lower_is_better=metric in rewrites.LOWER_IS_BETTER)
+                for metric in (*rewrites.COMPARED, "voice_score")
+                if metric in values[new] and metric in values[old]}
+    return result
+
+
+def rewrite_section(summaries: dict[str, dict], comps: dict, runs: dict[str, list[dict]],
+                    voice: dict, plot: str | None = None) -> list[str]:
+    """The rewrite task's figures: like the original (chrF, ROUGE-L), the content kept, the
+    length, the voice; each model against base with its CI; one example."""
+    have = {name: s["rewrite"] for name, s in summaries.items() if "rewrite" in s}
+    if not have:
+        return []
+    n = next(iter(have.values()))["n"]
+    rv = voice.get("rewrite") or {}
+    lines = ["", "## Rewrites: a plain draft in the author's voice", "",
+             f"{n} held-out passages (posts never trained on), each paraphrased plainly by the "
+             "rewrite stage's generator; every model is asked \"Rewrite this in my voice:\" with the "
+             "persona, and the author's original passage is the reference. A good rewrite is like "
+             "the original *and* keeps the draft's content: both sides are shown. chrF (sacrebleu, "
+             "0-100) and ROUGE-L against the original; content kept = share of the draft's content "
+             "words in the rewrite; copied = share of it verbatim from the draft (runs of 6+ words); "
+             "length = its words / the original's.", "",
+             "| model | chrF | ROUGE-L | content kept | copied from draft | length | voice P(author) "
+             "| hit token limit | chrF vs base |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in have.items():
+        vs = comps.get(f"{name}_vs_base", {}).get("rewrite", {}).get("chrf")
+        v = (rv.get("models") or {}).get(name)
+        lines.append(
+            f"| {name} | {s['chrf']['mean']:.1f} | {s['rouge_l']['mean']:.4f} | "
+            f"{s['content_kept']['mean']:.2f} | {s['draft_copied']['mean']:.2f} | "
+            f"{s['length_ratio']['mean']:.2f} | {_fmt(v and v['score'], '.3f')} | "
+            f"{s['hit_token_limit']}/{s['n']} | {format_comparison(vs, pct=False) if vs else '—'} |")
+    if rv:
+        lines += ["", f"Voice score of the rewrites: {rv['verdict']}; the author's originals score "
+                  f"{rv['ceiling']['score']:.3f}."]
+    lines.append("")
+    for pair, metrics in comps.items():
+        c = metrics.get("rewrite")
+        if not c:
+            continue
+        lines.append(f"- **{pair.replace('_vs_', ' vs ')}**: chrF {format_comparison(c['chrf'], pct=False)}; "
+                     f"ROUGE-L {format_comparison(c['rouge_l'], pct=False)}; content kept "
+                     f"{format_comparison(c['content_kept'], pct=False)}; |length ratio - 1| "
+                     f"{-c['length_off']['mean_difference']:+.3f} (95% CI {-c['length_off']['ci95_high']:+.3f} … "
+                     f"{-c['length_off']['ci95_low']:+.3f})"
+                     + (f"; voice score {format_comparison(c['voice_score'], pct=False)}" if "voice_score" in c else ""))
+    if plot:
+        lines += ["", f"![rewrites: chrF against the original vs the draft's content kept]({plot})"]
+    first = runs["base"][0]
+    lines += ["", "### Example", "", f"*Draft:* {draft_of(first['question']) or first['question']}", "",
+              f"*The author's original:* {first['reference']}", ""]
+    for name, rows in runs.items():
+        lines += [f"*{name}:* {rows[0]['prediction'].strip()}", ""]
+    return lines
 
 
 def format_comparison(c: dict, pct: bool = True) -> str:
@@ -98,6 +167,8 @@ def voice_section(voice: dict, plot: str | None = None) -> list[str]:
     lines = ["", "## Does it sound like the author? The voice score", ""]
     if not voice:
         return lines + ["No voice score yet (`dvc repro voice`)."]
+    if "models" not in voice:  # data.task: rewrite, scored in the rewrite section
+        return lines + ["No Q&A answers to score: the rewrites' voice score is in their section."]
     fit, check = voice["fit"], voice["length_check"]
     c = voice["ceiling"]
     lines += [f"P(author): an authorship-verification model (character {fit['char_ngrams'][0]}–"
@@ -174,14 +245,9 @@ def arena_section(arena: dict | None) -> list[str]:
     return lines + ratings_markdown(arena, plot="plots/arena.png", voice=arena.get("voice"))
 
 
-def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
-             runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str],
-             arena: dict | None = None, preference: dict | None = None,
-             pairs: dict | None = None, voice: dict | None = None,
-             judge: dict | None = None) -> str:
-    share = train.get("trainable_share")
-    lines = ["# Base vs fine-tuned vs fused: held-out evaluation", "",
-             f"{summaries['base']['n']} test questions, "
+def qa_section(summaries: dict[str, dict], comps: dict, seed: int) -> list[str]:
+    """The Q&A questions' table and each pair's comparisons."""
+    lines = [f"{summaries['base']['n']} test questions, "
              + (f"sampling at temperature {summaries['base']['temperature']} (seed {summaries['base']['seed']})"
                 if summaries["base"]["temperature"] > 0 else "greedy decoding")
              + (f" with repetition penalty {summaries['base']['repetition_penalty']}"
@@ -209,6 +275,21 @@ def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
                      f"{-metrics['length_gap_reduction']['mean_difference']:+.1f} chars "
                      f"(95% CI {-metrics['length_gap_reduction']['ci95_high']:+.1f} … "
                      f"{-metrics['length_gap_reduction']['ci95_low']:+.1f})")
+    return lines
+
+
+def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
+             runs: dict[str, list[dict]], examples: int, seed: int, plots: list[str],
+             arena: dict | None = None, preference: dict | None = None,
+             pairs: dict | None = None, voice: dict | None = None,
+             judge: dict | None = None, rewrite_runs: dict[str, list[dict]] | None = None) -> str:
+    share = train.get("trainable_share")
+    lines = ["# Base vs fine-tuned vs fused: held-out evaluation", ""]
+    if runs.get("base"):  # no Q&A questions when data.task is rewrite
+        lines += qa_section(summaries, comps, seed)
+    else:
+        lines += ["No Q&A questions in the test split (data.task: rewrite): the rewrites below "
+                  "are the evaluation."]
     if share is not None:
         lines += ["", f"Parameter efficiency: {train['trainable_parameters']:,} trainable parameters, "
                   f"{100 * share:.3f}% of {train['total_parameters']:,}. Best validation loss "
@@ -220,15 +301,19 @@ def markdown(summaries: dict[str, dict], comps: dict, train: dict, fuse: dict,
                   f"base+adapters {fuse['max_abs_logit_diff_fused_vs_lora']:.2e} (tolerance "
                   f"{fuse['tolerance']:.0e}), fused vs base {fuse['max_abs_logit_diff_fused_vs_base']:.2e}; "
                   f"greedy answers identical {fuse['greedy_answers_identical']}/{fuse['prompts']}."]
+    rewrite_plot = next((p for p in plots if Path(p).stem == "rewrites"), None)
+    lines += rewrite_section(summaries, comps, rewrite_runs or {}, voice or {}, rewrite_plot)
     lines += preference_section(preference or {}, pairs or {})
     voice_plot = next((p for p in plots if Path(p).stem == "voice"), None)
     lines += voice_section(voice or {}, voice_plot)
     lines += judge_section(judge or {})
     lines += arena_section(arena)
-    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots if p != voice_plot]
-    lines += ["", "## Examples", ""]
-    picks = np.random.default_rng(seed).choice(len(runs["base"]), size=min(examples, len(runs["base"])),
-                                               replace=False)
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots
+                                       if p not in (voice_plot, rewrite_plot)]
+    if runs.get("base"):
+        lines += ["", "## Examples", ""]
+    picks = np.random.default_rng(seed).choice(len(runs.get("base", [])),
+                                               size=min(examples, len(runs.get("base", []))), replace=False)
     for i in sorted(int(x) for x in picks):
         lines += [f"### {runs['base'][i].get('question', '')}", "",
                   f"*Reference:* {runs['base'][i]['reference']}", ""]
@@ -254,7 +339,8 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_all(values: dict[str, dict[str, list[float]]], runs: dict[str, list[dict]],
-             live_dir: Path, out_dir: Path, voice: dict | None = None) -> list[Path]:
+             live_dir: Path, out_dir: Path, voice: dict | None = None,
+             rewrite_values: dict[str, dict[str, list[float]]] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,24 +359,67 @@ def plot_all(values: dict[str, dict[str, list[float]]], runs: dict[str, list[dic
     _save(fig, files[-1])
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.boxplot([values[n]["word_overlap"] for n in values], showmeans=True)
-    ax.set_xticks(range(1, len(values) + 1), list(values))
-    ax.set(ylabel="word overlap with the reference (Jaccard)", title="Per-question word overlap")
+    if values:
+        ax.boxplot([values[n]["word_overlap"] for n in values], showmeans=True)
+        ax.set_xticks(range(1, len(values) + 1), list(values))
+        ax.set(ylabel="word overlap with the reference (Jaccard)", title="Per-question word overlap")
+    else:  # every declared plot is written, a placeholder where there is nothing to draw
+        _nothing(ax, "no Q&A questions evaluated (data.task: rewrite)")
     files.append(out_dir / "overlap.png")
     _save(fig, files[-1])
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    lengths = {"reference": [len(r["reference"]) for r in next(iter(runs.values()))]}
-    lengths.update({n: [len(r["prediction"]) for r in rows] for n, rows in runs.items()})
-    ax.boxplot(list(lengths.values()), showmeans=True)
-    ax.set_xticks(range(1, len(lengths) + 1), list(lengths))
-    ax.set(ylabel="answer length (characters)", title="Answer lengths vs the reference")
+    if values:
+        lengths = {"reference": [len(r["reference"]) for r in next(iter(runs.values()))]}
+        lengths.update({n: [len(r["prediction"]) for r in rows] for n, rows in runs.items()})
+        ax.boxplot(list(lengths.values()), showmeans=True)
+        ax.set_xticks(range(1, len(lengths) + 1), list(lengths))
+        ax.set(ylabel="answer length (characters)", title="Answer lengths vs the reference")
+    else:
+        _nothing(ax, "no Q&A questions evaluated (data.task: rewrite)")
     files.append(out_dir / "lengths.png")
     _save(fig, files[-1])
     if voice:
         files.append(out_dir / "voice.png")
-        _save(voice_figure(voice), files[-1])
+        if voice.get("models"):
+            _save(voice_figure(voice), files[-1])
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            _nothing(ax, "no Q&A answers scored (data.task: rewrite)")
+            _save(fig, files[-1])
+    files.append(out_dir / "rewrites.png")  # always written: DVC expects every declared plot
+    _save(rewrite_figure(rewrite_values or {}), files[-1])
     return files
+
+
+def _nothing(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
+
+
+def rewrite_figure(values: dict[str, dict[str, list[float]]]):
+    """Both sides of a rewrite at once: each rewrite's chrF against the author's original (up:
+    like the author) against the share of the draft's content it kept (right: the facts kept),
+    every model in its colour, its mean ringed. A model that copies the draft sits bottom right;
+    one that ignores it, top left."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not values:
+        _nothing(ax, "no rewrites evaluated (data.task: qa)")
+        return fig
+    for i, (name, v) in enumerate(values.items()):
+        colour = f"C{i}"
+        ax.scatter(v["content_kept"], v["chrf"], color=colour, alpha=0.45, s=22, label=name)
+        ax.scatter([np.mean(v["content_kept"])], [np.mean(v["chrf"])], s=160, facecolors="none",
+                   edgecolors=colour, linewidths=2)
+    n = len(next(iter(values.values()))["chrf"])
+    ax.set(xlabel="content of the draft kept (share of its content words)",
+           ylabel="chrF against the author's original",
+           title=f"Rewrites of {n} held-out passages: like the author vs the facts kept\n(rings: each model's mean)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
 
 
 def voice_figure(voice: dict):

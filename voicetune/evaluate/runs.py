@@ -4,7 +4,8 @@
 what matters. This shows, per run: the params that differ between the runs shown, the best
 validation loss, LoRA vs base word overlap and ROUGE-L (mean paired difference and its 95%
 CI), the LoRA's voice score and its share of the base -> author gap, the preference-tuned model
-against the LoRA, and the library versions where they differ.
+against the LoRA, the LoRA's rewrites against base's (chrF), and the library versions where
+they differ.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ METRICS = (
     ("DPO−LoRA overlap Δ", "dpo_vs_lora.word_overlap.mean_difference", "{:+.4f}"),
     ("DPO−LoRA 95% CI", ("dpo_vs_lora.word_overlap.ci95_low",
                          "dpo_vs_lora.word_overlap.ci95_high"), "{:+.4f} … {:+.4f}"),
+    # the rewrite task (data.task both or rewrite): the LoRA's rewrites against base's, chrF
+    # against the held-out originals
+    ("rewrite chrF Δ (95% CI)", ("lora_vs_base.rewrite.chrf.mean_difference",
+                                 "lora_vs_base.rewrite.chrf.ci95_low",
+                                 "lora_vs_base.rewrite.chrf.ci95_high"), "{:+.1f} ({:+.1f} … {:+.1f})"),
 )
 ENVIRONMENT = "metrics/train.json:environment."
 

@@ -34,30 +34,9 @@ import re
 import numpy as np
 
 from voicetune.core.errors import UserError
+from voicetune.data.text import FUNCTION_WORDS, WORD as _WORD
 
-# English function words: articles, pronouns, prepositions, conjunctions, auxiliaries, common
-# adverbs and their contractions (after Mosteller & Wallace's and Burrows' lists). Words that
-# carry a topic are not here: they are what the masking hides.
-FUNCTION_WORDS = tuple(sorted(set("""
-a about above after again against all almost along already also although always am among an
-and another any anyone anything are around as at away be because been before being below
-between both but by can cannot could did do does doing done down during each either else
-enough even ever every everything few for from further had has have having he her here hers
-herself him himself his how however i if in indeed instead into is it its itself just least
-less let like little many may me might mine more most much must my myself neither never no
-nobody none nor not nothing now of off often on once one only onto or other others otherwise
-ought our ours ourselves out over own perhaps quite rather really same several shall she
-should since so some somebody someone something sometimes still such than that the their
-theirs them themselves then there therefore these they this those though through thus till
-to too toward towards under unless until up upon us very was we well were what whatever when
-whenever where whereas wherever whether which while who whoever whole whom whose why will
-with within without would yet you your yours yourself yourselves
-i'm i've i'd i'll you're you've you'd you'll he's she's it's we're we've we'd we'll they're
-they've they'd they'll that's there's here's what's who's let's isn't aren't wasn't weren't
-don't doesn't didn't haven't hasn't hadn't won't wouldn't can't couldn't shouldn't mustn't
-""".split())))
 _FUNCTION = frozenset(FUNCTION_WORDS)
-_WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 _TOKEN = r"(?u)[^\W\d_]+(?:['’][^\W\d_]+)*"
 ROUNDS = 2000  # bootstrap resamples for the AUC and the gap closed
 DIGITS = 6     # figures are rounded: the same bytes from run to run
@@ -192,7 +171,7 @@ def mean_ci(values, seed: int, rounds: int = ROUNDS) -> dict:
 
 
 def evaluate_voice(scorer: VoiceScorer, references: list[str], runs: dict[str, list[str]],
-                   seed: int) -> tuple[dict, list[dict]]:
+                   seed: int, kind: str = "answers") -> tuple[dict, list[dict]]:
     """Score the author's held-out ``references`` and each model's answers to the same
     questions (``runs``: name -> predictions, ``base`` among them) with a fitted ``scorer``.
     Returns the summary (metrics/voice.json) and one record per question."""
@@ -200,7 +179,7 @@ def evaluate_voice(scorer: VoiceScorer, references: list[str], runs: dict[str, l
     texts = {"author": references, **runs}
     full = {name: scorer.score(t) for name, t in texts.items()}
     first = {name: scorer.first_window_score(t) for name, t in (("author", references), ("base", runs["base"]))}
-    return summarize(full, first, texts, scorer, seed)
+    return summarize(full, first, texts, scorer, seed, kind)
 
 
 def feature_aucs(author_train: list[str], other: list[str], references: list[str],
@@ -252,7 +231,8 @@ def _check_runs(references: list[str], runs: dict[str, list[str]]) -> None:
 
 
 def summarize(full: dict[str, list[float]], first: dict[str, list[float]],
-              texts: dict[str, list[str]], scorer: VoiceScorer, seed: int) -> tuple[dict, list[dict]]:
+              texts: dict[str, list[str]], scorer: VoiceScorer, seed: int,
+              kind: str = "answers") -> tuple[dict, list[dict]]:
     """The figures from per-question scores: ``full`` (mean over windows) and ``first`` (first
     window only) for "author" (the held-out answers) and each model, "base" among them."""
     from voicetune.evaluate.metrics import compare
@@ -275,7 +255,7 @@ def summarize(full: dict[str, list[float]], first: dict[str, list[float]],
     lengths = {name: [len(t) for t in ts] for name, ts in texts.items()}
     summary = {
         "informative": bool(informative),
-        "verdict": verdict(held_out, informative),
+        "verdict": verdict(held_out, informative, kind),
         "auc_author_vs_base": held_out,
         "ceiling": mean_ci(author, seed),
         "floor": models["base"]["score"],
@@ -297,12 +277,14 @@ def summarize(full: dict[str, list[float]], first: dict[str, list[float]],
     return summary, per_question
 
 
-def verdict(held_out: dict, informative: bool) -> str:
+def verdict(held_out: dict, informative: bool, kind: str = "answers") -> str:
+    """What the held-out AUC says; ``kind``: what the author's held-out texts are (answers, or
+    the originals of rewrites)."""
     auc_text = (f"AUC {held_out['value']:.3f} (95% CI {held_out['ci95_low']:.3f} … "
                 f"{held_out['ci95_high']:.3f})")
     if informative:
-        return f"the score tells the author's held-out answers from the base model's: {auc_text}"
-    return (f"uninformative on this data: the score cannot tell the author's held-out answers from "
+        return f"the score tells the author's held-out {kind} from the base model's: {auc_text}"
+    return (f"uninformative on this data: the score cannot tell the author's held-out {kind} from "
             f"the base model's ({auc_text}, the interval reaches 0.5); its figures are no result")
 
 
