@@ -3,6 +3,7 @@ tiny random model with adapters and a fused copy; plus the properties it rests o
 chat answer is the evaluate stage's answer, and base-via-switched-off-adapters is the base."""
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,8 +13,10 @@ import pexpect
 import pytest
 import yaml
 
+from voicetune.core.params import load_params
+from voicetune.data import rewrite
 from voicetune.serve.chat import Settings
-from voicetune.tools.chat import Chat
+from voicetune.tools.chat import DRAFT_PROMPT, Chat
 from voicetune.models.loader import ChatModels
 from voicetune.models.fusion import load_float32
 from voicetune.models.generation import generate_batched, prompt_tokens
@@ -132,9 +135,13 @@ def answers_in(transcript: str, names) -> dict[str, str]:
         start = text.index(f"[{name}]\n") + len(name) + 3
         end = min([text.index(f"\n[{n}]\n", start) for n in names if f"\n[{n}]\n" in text[start:]]
                   + [len(text)])
-        found[name] = text[start:end].removesuffix("\n").removesuffix("\n") \
-            .removesuffix(" [hit the limit: /max to raise it]")
+        found[name] = LIMIT_NOTE.sub("", text[start:end].removesuffix("\n").removesuffix("\n"))
     return found
+
+
+# what the chat appends to an answer or a rewrite cut at its length limit
+LIMIT_NOTE = re.compile(r" \[hit the (?:limit: /max|rewrite limit of \d+ tokens: --rewrite-max-tokens) "
+                        r"to raise it\]$")
 
 
 def round_of(child, question) -> str:
@@ -273,3 +280,129 @@ def test_missing_or_stale_models_say_what_to_run(tiny, tmp_path):
     assert "chatting with base" in child.before and "Collecting files" not in child.before
     child.sendeof()
     child.expect(pexpect.EOF)
+
+
+# --- /rewrite: a draft in the author's voice, the rewrite task's standalone turn ---------------
+
+MODELS = {"base": None, "lora": "adapters"}  # a model's name: its adapters in the tiny set
+
+
+def expected_rewrites(tiny, draft, max_tokens, names=("lora",)) -> dict[str, dict]:
+    """What the evaluate stage predicts for the rewrite sample of ``draft``, greedily."""
+    out = {}
+    for name in names:
+        adapters = tiny[MODELS[name]] if MODELS[name] else None
+        [out[name]], _ = evaluate_answers(tiny["base"], adapters, [rewrite.messages(PERSONA, draft)],
+                                          dict(SETTINGS, max_tokens=max_tokens))
+    return out
+
+
+def prediction(answer: dict) -> str:
+    return answer["prediction"].replace("\r", "")
+
+
+def test_rewrite_a_pasted_draft_in_the_training_format_outside_the_conversation(tiny, tmp_path):
+    """/rewrite, a two-line draft, ".": every active model rewrites it with the rewrite task's
+    own prompt and eval.rewrite_max_tokens (not --max-tokens), reading no history and leaving
+    none behind."""
+    names = ["base", "lora"]
+    rewrite_limit = 24  # params.yaml's, lowered to keep the test short
+    params = load_params(ROOT / "params.yaml")
+    params["eval"]["rewrite_max_tokens"] = rewrite_limit
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    child = spawn(tiny, "--compare", ",".join(names), "--max-tokens", "7",
+                  "--params", str(tmp_path / "params.yaml"))
+    question = "Why reef early?"
+    round_of(child, question)  # the conversation has a history now
+    child.sendline("/rewrite")
+    child.expect_exact(DRAFT_PROMPT)
+    draft = "The wind picked up after noon.\nWe took in a reef and reached port before dark."
+    for line in [*draft.split("\n"), "."]:
+        child.sendline(line)
+    child.expect_exact("you> ")
+    got = answers_in(child.before, names)
+    expected = expected_rewrites(tiny, draft, rewrite_limit, names)
+    for name in names:
+        assert got[name] == prediction(expected[name]), name
+    # the rewrite is longer than the answers' limit: --max-tokens does not apply to it
+    assert len(expected["lora"]["prediction"]) > len(expected_rewrites(tiny, draft, 7)["lora"]["prediction"])
+    # a wrong prompt would show: no instruction, or the chat's history in front of it
+    adapters = tiny["adapters"]
+    [bare], _ = evaluate_answers(tiny["base"], adapters, [ask(draft)], dict(SETTINGS, max_tokens=rewrite_limit))
+    [in_chat], _ = evaluate_answers(tiny["base"], adapters, [ask(rewrite.user_message(draft), [
+        {"role": "user", "content": question}, {"role": "assistant", "content": got["lora"]}])],
+        dict(SETTINGS, max_tokens=rewrite_limit))
+    assert prediction(bare) != got["lora"] and prediction(in_chat) != got["lora"]
+    # the history holds the first exchange only: the next answer is the one without the rewrite
+    follow = "Tea or coffee?"
+    after = answers_in(round_of(child, follow), names)
+    for name in names:
+        adapters = tiny[MODELS[name]] if MODELS[name] else None
+        [first], _ = evaluate_answers(tiny["base"], adapters, [ask(question)], dict(SETTINGS, max_tokens=7))
+        history = [{"role": "user", "content": question}, {"role": "assistant", "content": first["prediction"]}]
+        [expected_after], _ = evaluate_answers(tiny["base"], adapters, [ask(follow, history)],
+                                               dict(SETTINGS, max_tokens=7))
+        assert after[name] == prediction(expected_after), name
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_rewrite_on_one_line_ctrl_d_ends_a_draft_and_an_empty_draft_is_refused(tiny):
+    child = spawn(tiny, "--model", "lora", "--max-tokens", "6", "--rewrite-max-tokens", "9")
+    child.sendline("/help")
+    child.expect_exact("/rewrite [TEXT]")
+    child.expect_exact("you> ")
+    # an empty draft, ended by "." or by Ctrl-D, is refused and nothing is generated
+    for blank in ([], ["   "]):
+        child.sendline("/rewrite")
+        child.expect_exact(DRAFT_PROMPT)
+        for line in blank:
+            child.sendline(line)
+        if blank:
+            child.sendeof()
+        else:
+            child.sendline(".")
+        child.expect_exact("[empty draft: nothing to rewrite]")
+        child.expect_exact("you> ")
+        assert "[lora]" not in child.before
+    # the draft on the command's own line: no paste prompt
+    text = "We left at dawn and the fog lifted by ten."
+    transcript = round_of(child, f"/rewrite {text}")
+    assert DRAFT_PROMPT not in transcript
+    assert answers_in(transcript, ["lora"])["lora"] == prediction(expected_rewrites(tiny, text, 9)["lora"])
+    # a pasted draft ended by Ctrl-D
+    child.sendline("/rewrite")
+    child.expect_exact(DRAFT_PROMPT)
+    child.sendline(text)
+    child.sendeof()
+    child.expect_exact("you> ")
+    assert answers_in(child.before, ["lora"])["lora"] == prediction(expected_rewrites(tiny, text, 9)["lora"])
+    # no rewrite entered the history: the first question gets a fresh conversation's answer
+    answer = answers_in(round_of(child, "Tea or coffee?"), ["lora"])["lora"]
+    [expected], _ = evaluate_answers(tiny["base"], tiny["adapters"], [ask("Tea or coffee?")],
+                                     dict(SETTINGS, max_tokens=6))
+    assert answer == prediction(expected)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_rewrite_and_keeps_the_session(tiny):
+    child = spawn(tiny, "--model", "lora", "--max-tokens", "6", "--rewrite-max-tokens", "1000000")
+    child.sendline("/rewrite The fog lifted by ten.")
+    child.expect_exact("[lora]")
+    child.expect(r"\S{20}")  # it is streaming
+    child.sendintr()
+    child.expect_exact("[stopped]", timeout=20)
+    child.expect_exact("you> ")
+    answer = answers_in(round_of(child, "Tea or coffee?"), ["lora"])["lora"]
+    [expected], _ = evaluate_answers(tiny["base"], tiny["adapters"], [ask("Tea or coffee?")],
+                                     dict(SETTINGS, max_tokens=6))
+    assert answer == prediction(expected)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -9,15 +9,26 @@ The persona is params.yaml's data.system_prompt; decoding follows eval.* (max_to
 temperature, seed, repetition_penalty), through the evaluate stage's own generation function:
 a greedy chat answer to a test question is the evaluate stage's prediction for it.
 In the chat: /help lists the commands; Ctrl-C stops an answer, Ctrl-D quits.
+
+/rewrite puts a draft into the author's voice (the rewrite task, ``voicetune.data.rewrite``):
+the draft follows on the same line, or is pasted over several lines ended by a line holding
+only "." (or Ctrl-D). Every active model rewrites it as a standalone single turn, [persona,
+"Rewrite this in my voice:" + the draft], exactly the training and evaluation format, so a
+greedy rewrite is the evaluate stage's; it neither reads nor enters the chat histories. Its
+length limit is eval.rewrite_max_tokens (--rewrite-max-tokens); --max-tokens and /max are the
+answers' limit only; the temperature (/temp) applies to both.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 from voicetune.core.errors import UserError, run_stage
 from voicetune.core.params import load_params
+from voicetune.data import rewrite
 from voicetune.models.loader import ChatModels
 from voicetune.models.registry import NAMES
 from voicetune.serve.chat import Settings, parse_models, stream_answer
@@ -27,10 +38,17 @@ HELP = f"""commands:
   /reset                 forget the conversation (every model's history)
   /max [N]               show or set the answer length limit in tokens
   /temp [T]              show or set the temperature (0 = greedy; > 0 samples, seeded)
+  /rewrite [TEXT]        TEXT in the author's voice; without TEXT, paste a draft of any
+                         number of lines, ended by a line holding only "." (or Ctrl-D).
+                         A standalone turn, outside the conversation; its length limit is
+                         eval.rewrite_max_tokens (--rewrite-max-tokens), not /max
   /system                show the persona prompt
   /help                  this list
   /quit                  leave (or Ctrl-D)
-Ctrl-C stops an answer; that exchange is then forgotten. Each model keeps its own history."""
+Ctrl-C stops an answer (that exchange is then forgotten) or a rewrite. Each model keeps its
+own history."""
+
+DRAFT_PROMPT = '[paste the draft; end it with a line holding only "." (or Ctrl-D)]'
 
 
 @dataclass
@@ -42,6 +60,8 @@ class Chat:
     active: list[str]
     out: object = sys.stdout
     histories: dict = field(default_factory=lambda: {name: [] for name in NAMES})
+    rewrite_max_tokens: int | None = None  # a rewrite's length limit; None: the answers' (/max)
+    read: Callable[[str], str] = input     # one line from the user, after a prompt
 
     def write(self, text: str) -> None:
         self.out.write(text)
@@ -71,6 +91,52 @@ class Chat:
             self.histories[name] += [{"role": "user", "content": question},
                                      {"role": "assistant", "content": answer["prediction"]}]
         return answers
+
+    def rewrite(self, draft: str) -> dict[str, dict]:
+        """Every active model rewrites ``draft`` in the author's voice, streamed under its
+        heading like an answer. A rewrite is not part of the conversation: its prompt is the
+        rewrite task's standalone turn, [persona, instruction + draft], exactly as in training
+        and evaluation, without any history, and nothing of it enters the histories. Ctrl-C
+        stops it; the session goes on."""
+        draft = draft.strip()
+        if not draft:
+            self.write("[empty draft: nothing to rewrite]\n")
+            return {}
+        limit = self.rewrite_max_tokens or self.settings.max_tokens
+        settings = dataclasses.replace(self.settings, max_tokens=limit)
+        conversation = rewrite.messages(self.system, draft)  # no history, on purpose
+        rewrites = {}
+        try:
+            for name in self.active:
+                model, tokenizer = self.models.get(name)
+                self.write(f"[{name}]\n")
+                rewrites[name] = stream_answer(model, tokenizer, conversation, settings, self.write)
+                cut = (f" [hit the rewrite limit of {limit} tokens: --rewrite-max-tokens to raise it]"
+                       if rewrites[name]["finish_reason"] == "length" else "")
+                self.write(f"{cut}\n\n")
+        except KeyboardInterrupt:
+            self.write("\n[stopped]\n\n")
+            return {}
+        return rewrites
+
+    def read_draft(self) -> str | None:
+        """A pasted draft: lines up to one holding only "." or Ctrl-D (EOF); None when Ctrl-C
+        cancels it."""
+        self.write(DRAFT_PROMPT + "\n")
+        lines = []
+        while True:
+            try:
+                line = self.read("")
+            except EOFError:
+                self.write("\n")
+                break
+            except KeyboardInterrupt:
+                self.write("\n[rewrite cancelled]\n")
+                return None
+            if line.strip() == ".":
+                break
+            lines.append(line)
+        return "\n".join(lines)
 
     def command(self, line: str) -> bool:
         """Run an in-chat command; False means quit."""
@@ -106,17 +172,23 @@ class Chat:
                 self.settings.temperature = value
             t = self.settings.temperature
             self.write(f"[temperature: {t}{' (greedy)' if t == 0 else f', seed {self.settings.seed}'}]\n")
+        elif name == "rewrite":
+            draft = arg if arg else self.read_draft()
+            if draft is not None:
+                self.rewrite(draft)
         elif name == "system":
             self.write(self.system + "\n")
         else:
             raise UserError(f"unknown command {line.split()[0]}: /help lists them")
         return True
 
-    def run(self, read=input) -> None:
+    def run(self, read=None) -> None:
         """The read-answer loop until /quit or Ctrl-D (EOF); Ctrl-C at the prompt clears the line."""
+        if read is not None:
+            self.read = read
         while True:
             try:
-                line = read("you> ").strip()
+                line = self.read("you> ").strip()
             except EOFError:
                 self.write("\n")
                 return
@@ -143,6 +215,8 @@ def main(argv=None) -> int:
                        help="answer every message with each of these models in turn")
     ap.add_argument("--system", help="persona prompt (default: params.yaml data.system_prompt)")
     ap.add_argument("--max-tokens", type=int, help="answer length limit (default: eval.max_tokens)")
+    ap.add_argument("--rewrite-max-tokens", type=int,
+                    help="/rewrite's length limit (default: eval.rewrite_max_tokens)")
     ap.add_argument("--temperature", type=float, help="0 = greedy (default: eval.temperature)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--base", default="models/base")
@@ -153,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true",
                     help="skip asking DVC whether the models are current (faster start)")
     args = ap.parse_args(argv)
+    if args.rewrite_max_tokens is not None and args.rewrite_max_tokens < 1:
+        ap.error("--rewrite-max-tokens: give a whole number of tokens >= 1")
     params = load_params(args.params)
     settings = Settings.from_params(params, args.max_tokens, args.temperature)
     active = parse_models(args.compare) if args.compare else [args.model]
@@ -165,7 +241,10 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     print(f"chatting with {', '.join(active)}; /help for commands, Ctrl-D to quit")
-    Chat(models, args.system or params["data"]["system_prompt"], settings, active).run()
+    rewrite_max_tokens = (params["eval"]["rewrite_max_tokens"] if args.rewrite_max_tokens is None
+                          else args.rewrite_max_tokens)
+    Chat(models, args.system or params["data"]["system_prompt"], settings, active,
+         rewrite_max_tokens=rewrite_max_tokens).run()
     return 0
 
 
