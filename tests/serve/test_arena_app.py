@@ -20,6 +20,7 @@ from voicetune.serve.arena_engine import Cancelled, Engine
 from voicetune.serve.chat import Settings
 from voicetune.models.registry import NAMES
 from voicetune.data.votes import read_votes
+from voicetune.data.rewrite import user_message
 
 # the answers name nobody: a leak can only come from the app
 ANSWERS = {"base": "Well, knots are useful.\nTie them well.",
@@ -35,6 +36,14 @@ QUESTIONS = [{"messages": [{"role": "system", "content": "persona"},
                            {"role": "user", "content": f"Test question {i}?"}],
               "question": f"Test question {i}?", "reference": f"The author's answer {i}."}
              for i in range(5)]
+MAX_TOKENS = 20
+REWRITE_MAX_TOKENS = 33  # not the Q&A battles' MAX_TOKENS: which one an answer got is seen
+DRAFT = "The captain says the bowline is the first knot to learn. It holds and it unties."
+ORIGINAL = "Bowline first, always. It holds like a promise and lets go when you ask it to."
+# a rewrite row of the test split, as battle_questions reads it
+REWRITE = {"messages": [{"role": "system", "content": "persona"},
+                        {"role": "user", "content": user_message(DRAFT)}],
+           "question": user_message(DRAFT), "reference": ORIGINAL, "task": "rewrite"}
 
 
 class FakeGenerator:
@@ -78,10 +87,11 @@ def arena(tmp_path):
     fake = FakeGenerator()
     config = ArenaConfig(models=list(NAMES), chat_models=["base", "lora"],
                          system="You are Captain Tilly Brask.",
-                         settings=Settings(max_tokens=20, temperature=0.0, seed=0),
+                         settings=Settings(max_tokens=MAX_TOKENS, temperature=0.0, seed=0),
                          temperature=TEMPERATURE, votes=tmp_path / "arena/votes.jsonl",
                          weights=WEIGHTS, questions=QUESTIONS,
-                         ratings=lambda votes: {"rows": [], "n": len(votes)})
+                         ratings=lambda votes: {"rows": [], "n": len(votes)},
+                         rewrite_max_tokens=REWRITE_MAX_TOKENS)
     engine = Engine(fake)
     with TestClient(create_app(engine, config, rng=random.Random(0))) as client:
         yield client, fake, config
@@ -146,6 +156,7 @@ def test_a_vote_is_one_complete_line_written_once_however_often_it_is_clicked(ar
     vote = votes[0]
     assert vote["battle_id"] == battle["battle"] and vote["vote"] == "tie"
     assert vote["question"] == "Do you like <b>knots</b>?" and vote["from_test"] is False
+    assert vote["task"] == "qa" and battle["task"] == "qa" and battle["draft"] is None
     assert {vote["model_a"], vote["model_b"]} <= set(ANSWERS) and vote["model_a"] != vote["model_b"]
     assert vote["answer_a"] == ANSWERS[vote["model_a"]] and vote["answer_b"] == ANSWERS[vote["model_b"]]
     made_of = votes_module.MADE_OF
@@ -358,3 +369,155 @@ def test_the_whole_chat_history_is_bounded(arena, turns, size, says):
             {"role": "user", "content": "Knots?"}]
     with client.stream("POST", "/api/chat", json={"model": "lora", "messages": fits}) as r:
         assert r.status_code == 200 and "event: end" in "".join(r.iter_text())
+
+
+# ------------------------------------------------------------------ the rewrite task
+def run_battle(client, fake, body):
+    """Create a battle, follow it to its end; (its state, the generator's calls for it and
+    their settings: A's, then B's)."""
+    before = len(fake.calls)
+    created = client.post("/api/battles", json=body)
+    assert created.status_code == 200, created.text
+    raw, events = stream(client, created.json()["battle"])
+    assert events[-1][0] == "end"
+    assert not MODEL_IDS.search(created.text + raw), created.text + raw  # blind, as any battle
+    return created.json(), fake.calls[before:], fake.settings[before:]
+
+
+def test_a_rewrite_row_of_the_test_split_battles_as_a_rewrite(arena):
+    """A test split of a Q&A row and a rewrite row: the next battle is drawn from both; a
+    rewrite battle is labelled so, shows its draft, is answered from the rewrite prompt (the
+    training format) with eval.rewrite_max_tokens, reveals the author's original, and its vote
+    records the task and is counted by the ratings (the arena stage's own computation)."""
+    from voicetune.serve.arena_ratings import ratings_fn
+
+    client, fake, config = arena
+    config.questions = [QUESTIONS[0], REWRITE]
+    config.ratings = ratings_fn({"arena": {"adapter": "all", "models": ["base", "lora"],
+                                           "rounds": 100, "seed": 0}}, None)
+    assert client.get("/api/config").json()["test_rewrites"] == 1
+    seen = {}
+    for _ in range(12):
+        battle, calls, settings = run_battle(client, fake, {})
+        seen.setdefault(battle["task"], (battle, calls, settings))
+    assert set(seen) == {"qa", "rewrite"}  # the rewrite row is drawn like any question
+
+    battle, calls, settings = seen["rewrite"]
+    assert battle["draft"] == DRAFT and battle["question"] == user_message(DRAFT)
+    assert battle["from_test"] is True
+    assert [messages for _, messages in calls] == [REWRITE["messages"]] * 2  # both sides alike
+    assert [s.max_tokens for s in settings] == [REWRITE_MAX_TOKENS] * 2
+    assert all(s.temperature == TEMPERATURE for s in settings)
+    qa, qa_calls, qa_settings = seen["qa"]
+    assert qa["draft"] is None and qa["question"] == QUESTIONS[0]["question"]
+    assert [m for _, m in qa_calls] == [QUESTIONS[0]["messages"]] * 2
+    assert [s.max_tokens for s in qa_settings] == [MAX_TOKENS] * 2  # Q&A keeps its limit
+
+    voted = client.post(f"/api/battles/{battle['battle']}/vote", json={"vote": "A"}).json()
+    assert voted["reveal"]["reference"] == ORIGINAL and voted["task"] == "rewrite"
+    after = client.get(f"/api/battles/{battle['battle']}").json()  # a reload: still a rewrite
+    assert after["task"] == "rewrite" and after["draft"] == DRAFT and after["voted"] == "A"
+    client.post(f"/api/battles/{qa['battle']}/vote", json={"vote": "tie"})
+    votes, warnings = read_votes(config.votes)
+    assert warnings == [] and len(votes) == 2
+    rewrite_vote, qa_vote = votes
+    assert rewrite_vote["task"] == "rewrite" and qa_vote["task"] == "qa"
+    # the user's turn as the models got it: what `arena export` pairs and training read
+    assert rewrite_vote["question"] == user_message(DRAFT) and rewrite_vote["reference"] == ORIGINAL
+    assert rewrite_vote["from_test"] is True and rewrite_vote["test_index"] == 1
+    assert rewrite_vote["settings"]["max_tokens"] == REWRITE_MAX_TOKENS
+    assert qa_vote["settings"]["max_tokens"] == MAX_TOKENS
+    rewrite_models = {rewrite_vote["model_a"], rewrite_vote["model_b"]}
+    assert rewrite_vote["answer_a"] == ANSWERS[rewrite_vote["model_a"]]
+    table = client.get("/api/ratings").json()
+    assert table["votes"] == 2
+    battles = {row["model"]: row["battles"] for row in table["table"]["rows"]}
+    for model in rewrite_models:
+        assert battles[model] >= 1  # the rewrite vote is counted
+
+
+def test_the_page_labels_a_rewrite_battle_and_shows_its_draft(arena):
+    client, _, _ = arena
+    script = client.get("/static/arena.js").text
+    assert "Rewrite in the author's voice" in script and 'b.task === "rewrite"' in script
+    assert "b.draft" in script
+    assert 'id="battle-kind"' in client.get("/").text
+
+
+def test_a_typed_rewrite_instruction_and_draft_is_a_rewrite_battle(arena):
+    """Typed as the rewrite task's user turn, a message battles as a rewrite (its limit, its
+    label); anything else typed is a question."""
+    client, fake, config = arena
+    typed = user_message("The knot held. The boat stayed put all night.")
+    battle, calls, settings = run_battle(client, fake, {"question": typed})
+    assert battle["task"] == "rewrite" and battle["draft"] == "The knot held. The boat stayed put all night."
+    assert battle["from_test"] is False
+    assert calls[0][1] == [{"role": "system", "content": config.system},
+                           {"role": "user", "content": typed}]
+    assert [s.max_tokens for s in settings] == [REWRITE_MAX_TOKENS] * 2
+    client.post(f"/api/battles/{battle['battle']}/vote", json={"vote": "B"})
+    [vote], _ = read_votes(config.votes)
+    assert vote["task"] == "rewrite" and vote["reference"] is None and vote["question"] == typed
+    question, _, settings = run_battle(client, fake, {"question": "Rewrite this knot guide?"})
+    assert question["task"] == "qa" and [s.max_tokens for s in settings] == [MAX_TOKENS] * 2
+
+
+def test_votes_written_before_the_task_was_recorded_still_read(arena, tmp_path):
+    """An older vote (no ``task``) is still a vote, beside a new one with it."""
+    client, fake, config = arena
+    old = {"schema": 2, "battle_id": "old", "question": "Q?", "from_test": True, "vote": "tie",
+           "model_a": "base", "model_b": "lora", "answer_a": "a", "answer_b": "b"}
+    config.votes.parent.mkdir(parents=True)
+    config.votes.write_text(json.dumps(old) + "\n")
+    battle, _, _ = run_battle(client, fake, {"question": user_message("A plain draft.")})
+    client.post(f"/api/battles/{battle['battle']}/vote", json={"vote": "A"})
+    votes, warnings = read_votes(config.votes)
+    assert warnings == [] and [v.get("task") for v in votes] == [None, "rewrite"]
+    assert client.get("/api/ratings").json()["votes"] == 2
+
+
+def test_the_server_battles_the_test_splits_rewrite_rows_with_eval_rewrite_max_tokens(
+        tmp_path, monkeypatch):
+    """``serve`` (make arena) reads the test split's rewrite rows as rewrite questions and
+    gives the app eval.rewrite_max_tokens as their limit; --max-tokens stays the Q&A one.
+    The models and uvicorn are stand-ins: only what the app is built with is looked at."""
+    import socket
+
+    import uvicorn
+
+    from tests.conftest import ROOT
+    from voicetune.core.params import load_params
+    from voicetune.models import loader
+    from voicetune.serve import arena_engine, arena_server
+
+    rows = [{"messages": [*QUESTIONS[0]["messages"], {"role": "assistant", "content": "Aye."}]},
+            {"messages": [*REWRITE["messages"], {"role": "assistant", "content": ORIGINAL}],
+             "task": "rewrite"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = load_params(ROOT / "params.yaml")
+    params["eval"]["rewrite_max_tokens"] = REWRITE_MAX_TOKENS
+    built = {}
+
+    class Models:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def prepare(self, names):
+            pass
+    monkeypatch.setattr(loader, "ChatModels", Models)
+    monkeypatch.setattr(arena_app, "create_app", lambda engine, config: built.setdefault("config", config))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr(arena_engine, "Engine", lambda answer_fn: None)  # no worker thread left
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert arena_server.serve(params, host="127.0.0.1", port=port, votes=tmp_path / "votes.jsonl",
+                              test=tmp_path / "test.jsonl", paths=dict.fromkeys(
+                                  ("base", "adapters", "fused", "preference_adapters"), "x"),
+                              max_tokens=MAX_TOKENS, check=False) == 0
+    config = built["config"]
+    assert config.rewrite_max_tokens == REWRITE_MAX_TOKENS
+    assert config.settings.max_tokens == MAX_TOKENS
+    assert [q["task"] for q in config.questions] == ["qa", "rewrite"]
+    assert config.questions[1]["question"] == user_message(DRAFT)
+    assert config.questions[1]["reference"] == ORIGINAL

@@ -662,6 +662,40 @@ def test_kill_9_mid_vote_leaves_the_votes_whole(real_server):
 
 
 # ------------------------------------------------------------------ the app with a stand-in
+def test_a_rewrite_battle_is_labelled_and_shows_its_draft(stand_in_server, browser):
+    """A rewrite row of the test split: the page says "Rewrite in the author's voice", shows
+    the draft (not the instruction before it), and after the vote the author's original."""
+    from voicetune.data.rewrite import INSTRUCTION, user_message
+
+    url, stand_in, config = stand_in_server
+    draft, original = "The bowline holds. It unties easily.", "Bowline. Holds fast, lets go kindly."
+    config.questions = [{"messages": [{"role": "system", "content": PERSONA},
+                                      {"role": "user", "content": user_message(draft)}],
+                         "question": user_message(draft), "reference": original, "task": "rewrite"}]
+    page, rec = open_arena(browser, url)
+    battle = new_battle(page, "New battle: a test question")
+    expect(page.locator("#battle-kind")).to_have_text("Rewrite in the author's voice")
+    assert page.locator("#battle-question").text_content() == draft
+    assert INSTRUCTION not in page.locator("#battle").inner_text()
+    assert page.locator("#battle-source").text_content() == "(from the test split)"
+    wait_for_answers(page)
+    assert_nothing_names_a_model(rec)
+    assert_arena_dom_names_no_model(page)
+    a, b = vote_and_read_reveal(page, "A")
+    expect(page.locator("#reference-label")).to_have_text("The author's original")
+    assert page.locator("#reference").text_content() == original
+    check_votes_file(config.votes, {battle: {"vote": "A", "task": "rewrite", "model_a": a,
+                                             "model_b": b, "question": user_message(draft),
+                                             "reference": original}})
+
+    page.locator("#battle-typed").fill("Which knot first?")  # the next battle is a question again
+    new_battle(page, "Ask it")
+    expect(page.locator("#battle-kind")).to_have_text("Question")
+    assert page.locator("#battle-question").text_content() == "Which knot first?"
+    assert rec.errors == []
+    page.context.close()
+
+
 def test_generated_html_is_shown_as_text_in_battles_and_chat(stand_in_server, browser):
     url, stand_in, config = stand_in_server
     page, rec = open_arena(browser, url)

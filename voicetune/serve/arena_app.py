@@ -18,6 +18,13 @@ reveal if it was voted on); a vote is written whole (``votes.append_vote``: lock
 before the page is told, once per battle, however often the button is clicked; a battle the
 server no longer knows (it restarted) is refused rather than guessed.
 
+Two tasks battle: a question answered (``qa``), and a draft rewritten in the author's voice
+(``rewrite``: the test split's rewrite rows, or a typed message that is the rewrite instruction
+and a draft, ``rewrite.user_message``). Both sides of a battle answer the same ``messages``, the
+training format of either task; a rewrite is cut at ``rewrite_max_tokens`` (eval.*), a Q&A
+answer at the battles' ``max_tokens``. The page is told the task and, for a rewrite, the draft
+alone, and shows it as the text to rewrite; the vote records the task.
+
 What one page can make the single generation worker do is bounded: a battle left for a new
 one, or forgotten as the oldest of MAX_BATTLES, has its answers stopped; a question is at most
 MAX_QUESTION_CHARS, a chat's whole history at most MAX_CHAT_CHARS in MAX_CHAT_MESSAGES.
@@ -42,6 +49,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from voicetune.data.rewrite import draft_of
 from voicetune.serve.arena_engine import Engine
 from voicetune.data.votes import CHOICES, SCHEMA, append_vote, battle_weights, read_votes
 
@@ -65,8 +73,10 @@ class ArenaConfig:
     temperature: float                 # battles sample at it (arena.temperature), own seed each
     votes: Path                        # data/arena/votes.jsonl
     weights: dict | None               # votes.weights_identity: each weight file's md5 in dvc.lock
-    questions: list[dict]              # test split: {"messages", "question", "reference"}
+    questions: list[dict]              # test split: {"messages", "question", "reference", "task"}
     ratings: Callable[[list[dict]], dict] | None = None  # votes -> the ratings table
+    rewrite_max_tokens: int | None = None  # a rewrite battle's length limit (eval.rewrite_max_tokens;
+                                           # None: settings.max_tokens, as a Q&A battle's)
 
 
 @dataclass
@@ -79,6 +89,8 @@ class Battle:
     messages: list
     sides: dict                        # {"A": model id, "B": model id}: never sent before the vote
     settings: object                   # its decoding: sampled, with its own seed (not sent either)
+    kind: str = "qa"                   # the task: qa, or rewrite (``question``: the instruction
+                                       # and a draft)
     text: dict = field(default_factory=lambda: {"A": [], "B": []})
     finished: dict = field(default_factory=lambda: {"A": False, "B": False})
     error: str | None = None
@@ -98,9 +110,18 @@ class Battle:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    def draft(self) -> str | None:
+        """A rewrite battle's draft (its question without the instruction); None for Q&A."""
+        if self.kind != "rewrite":
+            return None
+        found = draft_of(self.question)
+        return self.question if found is None else found
+
     def public(self) -> dict:
-        """What the page may know: no model id before the vote."""
-        state = {"battle": self.id, "question": self.question, "from_test": self.from_test,
+        """What the page may know: no model id before the vote. ``question`` is the user's turn
+        as the models got it; a rewrite battle's ``draft`` is what the page shows."""
+        state = {"battle": self.id, "task": self.kind, "question": self.question,
+                 "draft": self.draft(), "from_test": self.from_test,
                  "answers": {s: self.answer(s) for s in SIDES}, "finished": dict(self.finished),
                  "error": self.error, "voted": self.vote}
         if self.vote:
@@ -187,7 +208,9 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
         return {"chat_models": config.chat_models, "system": config.system,
                 "test_questions": len(config.questions), "max_question_chars": MAX_QUESTION_CHARS,
                 "max_chat_chars": MAX_CHAT_CHARS, "settings": vars(config.settings),
-                "battle_temperature": config.temperature}
+                "battle_temperature": config.temperature,
+                "test_rewrites": sum(q.get("task") == "rewrite" for q in config.questions),
+                "rewrite_max_tokens": config.rewrite_max_tokens or config.settings.max_tokens}
 
     @app.post("/api/battles")
     async def new_battle(body: NewBattle):
@@ -200,15 +223,20 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
             index = rng.randrange(len(config.questions))
             q = config.questions[index]
             question, messages, reference = q["question"], q["messages"], q["reference"]
+            task = q.get("task", "qa")
         else:
             question, index, reference = check_question(body.question), None, None
             messages = [{"role": "system", "content": config.system},
                         {"role": "user", "content": question}]
+            # typed as the rewrite task's user turn (the instruction, then a draft): a rewrite
+            task = "qa" if draft_of(question) is None else "rewrite"
         first, second = rng.sample(config.models, 2)
         settings = dataclasses.replace(config.settings, temperature=config.temperature,
                                        seed=rng.randrange(2 ** 31))
+        if task == "rewrite" and config.rewrite_max_tokens is not None:
+            settings = dataclasses.replace(settings, max_tokens=config.rewrite_max_tokens)
         battle = Battle(secrets.token_urlsafe(12), question, index is not None, index, reference,
-                        messages, {"A": first, "B": second}, settings)
+                        messages, {"A": first, "B": second}, settings, kind=task)
         battles[battle.id] = battle
         while len(battles) > MAX_BATTLES:
             _, forgotten = battles.popitem(last=False)
@@ -263,6 +291,7 @@ def create_app(engine: Engine, config: ArenaConfig, rng: random.Random | None = 
             record = {
                 "schema": SCHEMA, "battle_id": battle.id,
                 "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "task": battle.kind,  # qa or rewrite; a vote without it (older) is qa
                 "question": battle.question, "from_test": battle.from_test,
                 "test_index": battle.test_index, "reference": battle.reference,
                 "model_a": battle.sides["A"], "model_b": battle.sides["B"],

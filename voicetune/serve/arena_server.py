@@ -36,10 +36,13 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(params: dict, *, host: str, port: int, votes: str | Path, test: str | Path,
           paths: dict[str, str], system: str | None = None, max_tokens: int | None = None,
-          temperature: float | None = None, check: bool = True) -> int:
+          temperature: float | None = None, check: bool = True,
+          rewrite_max_tokens: int | None = None) -> int:
     """Load the models, build the page and serve it until Ctrl-C. ``params``: params.yaml,
     validated; ``paths``: the weight folders by short name (``voicetune.models.registry.FILES``);
-    ``temperature``/``max_tokens``/``system``: the command line's, None for params.yaml's."""
+    ``temperature``/``max_tokens``/``system``: the command line's, None for params.yaml's;
+    ``rewrite_max_tokens``: a rewrite battle's length limit, None for eval.rewrite_max_tokens
+    (``max_tokens`` is the Q&A battles' and the chat tab's only)."""
     import uvicorn
 
     from voicetune.serve.arena_app import ArenaConfig, create_app
@@ -73,6 +76,8 @@ def serve(params: dict, *, host: str, port: int, votes: str | Path, test: str | 
                          system=system or params["data"]["system_prompt"], settings=settings,
                          temperature=temperature, votes=Path(votes), weights=identity,
                          questions=battle_questions(test),
+                         rewrite_max_tokens=params["eval"]["rewrite_max_tokens"]
+                         if rewrite_max_tokens is None else rewrite_max_tokens,
                          ratings=ratings_fn(params, identity,
                                             # the voice scores are the pipeline's models': not
                                             # shown beside models given by path

@@ -56,7 +56,12 @@ function showBattle(b) {
   state.battle = b.battle;
   sessionStorage.setItem("arena-battle", b.battle);
   $("#battle").hidden = false;
-  $("#battle-question").textContent = b.question;
+  // a rewrite battle shows its draft as the text to rewrite, not the instruction before it
+  const rewrite = b.task === "rewrite";
+  $("#battle-kind").textContent = rewrite ? "Rewrite in the author's voice" : "Question";
+  $("#battle-question").textContent = rewrite ? (b.draft ?? b.question) : b.question;
+  $("#battle-question").classList.toggle("draft", rewrite);
+  $("#reference-label").textContent = rewrite ? "The author's original" : "The author's answer";
   $("#battle-source").textContent = b.from_test ? "(from the test split)" : "(typed)";
   $("#answer-a").textContent = b.answers.A;
   $("#answer-b").textContent = b.answers.B;
