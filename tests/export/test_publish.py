@@ -31,14 +31,30 @@ METRICS = ["compare.json", "eval_base.json", "eval_lora.json", "eval_fused.json"
            "data.json"]
 
 
+def qa_only(name: str, metrics: dict) -> dict:
+    """The real metrics as a Q&A-only run writes them (the pipeline's own run may train the
+    rewrite task too): no task keys in data.json, no "rewrite" figures."""
+    if name == "data.json":
+        for key in ("task", "tasks", "rewrite_ratio"):
+            metrics.pop(key, None)
+        metrics.get("source", {}).pop("rewrite", None)
+    elif name == "compare.json":
+        for pair in metrics.values():
+            pair.pop("rewrite", None)
+    elif name.startswith("eval_"):
+        metrics.pop("rewrite", None)
+    return metrics
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """A project with the real metrics, params, loss plot and base record, and small stand-in
-    model files for adapters, fused and gguf."""
+    """A project with the real metrics (as a Q&A-only run: ``qa_only``), params, loss plot and
+    base record, and small stand-in model files for adapters, fused and gguf."""
     root = tmp_path / "proj"
     (root / "metrics/plots").mkdir(parents=True)
     for name in METRICS:
-        (root / "metrics" / name).write_bytes((ROOT / "metrics" / name).read_bytes())
+        metrics = qa_only(name, json.loads((ROOT / "metrics" / name).read_text()))
+        (root / "metrics" / name).write_text(json.dumps(metrics))
     (root / "metrics/plots/loss.png").write_bytes((ROOT / "metrics/plots/loss.png").read_bytes())
     (root / "params.yaml").write_bytes((ROOT / "params.yaml").read_bytes())
     (root / "models/base").mkdir(parents=True)
@@ -381,3 +397,215 @@ def test_failed_upload_says_nothing_was_committed(project, fresh, hub, monkeypat
     assert "no commit was made" in message and "Rerun the same command" in message
     assert [c[0] for c in hub] == ["create_repo", "repo_info"]
     assert list((project / "models").glob(".publish*")) == []  # staging removed on failure too
+
+
+# ------------------------------------------------------------------ the rewrite task on the card
+# Constructed figures (none read back from the card): a run trained for both tasks, its rewrite
+# evaluation on 7 held-out passages and the voice score on the rewrites.
+QA_TASK, REWRITE_TASK = "Answering in the author's voice", "Rewriting a draft in the author's voice"
+TASK_COUNTS = {"train": {"qa": 301, "rewrite": 17}, "valid": {"qa": 33, "rewrite": 6},
+               "test": {"qa": 29, "rewrite": 7}}
+
+
+def _stats(mean: float) -> dict:
+    return {"mean": mean, "std": 0.01, "median": mean, "min": mean, "max": mean}
+
+
+def _paired(new, old, rel, diff, low, high, wins, ties, losses) -> dict:
+    return {"mean_new": new, "mean_old": old, "relative_improvement": rel,
+            "mean_difference": diff, "ci95_low": low, "ci95_high": high, "wins": wins,
+            "ties": ties, "losses": losses}
+
+
+REWRITE_EVAL = {
+    "base": {"n": 7, "chrf": _stats(21.5), "rouge_l": _stats(0.1234), "content_kept": _stats(0.4111),
+             "draft_copied": _stats(0.0512), "length_ratio": _stats(2.75), "length_off": _stats(1.8),
+             "hit_token_limit": 5, "max_tokens": 192, "reference_loss": 2.65,
+             "reference_perplexity": 14.2},
+    "tuned": {"n": 7, "chrf": _stats(44.25), "rouge_l": _stats(0.3456),
+              "content_kept": _stats(0.8222), "draft_copied": _stats(0.3033),
+              "length_ratio": _stats(1.08), "length_off": _stats(0.21), "hit_token_limit": 2,
+              "max_tokens": 192, "reference_loss": 2.29, "reference_perplexity": 9.85},
+}
+REWRITE_COMPARE = {
+    "chrf": _paired(44.25, 21.5, 1.0581, 22.75, 9.5, 31.25, 6, 0, 1),
+    "rouge_l": _paired(0.3456, 0.1234, 1.8006, 0.2222, 0.1111, 0.3333, 5, 1, 1),
+    "content_kept": _paired(0.8222, 0.4111, 1.0, 0.4111, 0.2, 0.6, 7, 0, 0),
+    "length_off": _paired(0.21, 1.8, 0.8833, 1.59, 0.75, 2.5, 6, 0, 1),
+    "voice_score": _paired(0.7777, 0.2346, 2.315, 0.5431, 0.4, 0.65, 7, 0, 0),
+}
+REWRITE_VOICE = {
+    "informative": True, "verdict": "the score tells the author's held-out answers from the base "
+    "model's: AUC 0.990 (95% CI 0.950 … 1.000)",
+    "auc_author_vs_base": {"value": 0.99, "ci95_low": 0.95, "ci95_high": 1.0},
+    "ceiling": {"score": 0.9012, "ci95_low": 0.85, "ci95_high": 0.94}, "floor": 0.2346,
+    "models": {"lora": {"score": 0.7777, "ci95_low": 0.7, "ci95_high": 0.85,
+                        "gap_closed": {"value": 0.8123, "ci95_low": 0.6, "ci95_high": 0.95},
+                        "vs_base": REWRITE_COMPARE["voice_score"], "auc_vs_author": 0.6}},
+}
+DRAFT = "The boat was late. We didn't wait."
+
+
+def _edit(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def trained_both(project: Path, *, qa: bool = True, voice: dict | None = REWRITE_VOICE,
+                 model: str = "lora") -> None:
+    """Turn the Q&A-only project into a run trained for both tasks (``qa=False``: for the
+    rewrite task only, with no Q&A figures anywhere), ``model`` evaluated against base."""
+    m = project / "metrics"
+
+    def data(d):
+        d["task"], d["rewrite_ratio"] = ("both" if qa else "rewrite"), None
+        d["tasks"] = {split: {"qa": c["qa"] if qa else 0, "rewrite": c["rewrite"]}
+                      for split, c in TASK_COUNTS.items()}
+        d["source"]["rewrite"] = {"path": "data/rewrite/pairs.jsonl", "pairs": 30}
+
+    _edit(m / "data.json", data)
+    for name, figures in (("base", "base"), (model, "tuned")):
+        def evals(e, figures=figures):
+            if not qa:
+                for key in [k for k in e if k not in ("temperature", "seed", "environment")]:
+                    del e[key]
+            e["rewrite"] = REWRITE_EVAL[figures]
+        _edit(m / f"eval_{name}.json", evals)
+
+    def compare(c):
+        if not qa:
+            c.clear()
+            c[f"{model}_vs_base"] = {}
+        c[f"{model}_vs_base"]["rewrite"] = REWRITE_COMPARE
+
+    _edit(m / "compare.json", compare)
+    if voice is not None:
+        (m / "voice.json").write_text(json.dumps({
+            "informative": False, "verdict": "uninformative on this data: the score cannot tell "
+            "the author's held-out answers from the base model's", "rewrite": voice}))
+    rows = [{"question": "Should I reef before a squall?", "prediction": "Reef early, lad."}] if qa \
+        else []
+    rows.append({"question": f"Rewrite this in my voice:\n\n{DRAFT}",
+                 "prediction": "Late again, the old tub.\nWe never wait, lad.", "task": "rewrite"})
+    (project / f"data/eval/{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def results_of(card, task_name: str) -> dict:
+    return {r.metric_type: r.metric_value for r in card.data.eval_results
+            if r.task_name == task_name}
+
+
+def test_card_of_both_tasks(project, fresh, hub):
+    trained_both(project)
+    card = ModelCard.load(dry_run(project) / "README.md")
+    intro = card.text.split("## Use it")[0]
+    assert ("Trained for answering questions in the author's voice (301 training samples) and "
+            "rewriting a draft in the author's voice (17 training samples).") in intro
+    # both sides of a rewrite in the summary: like the author (chrF), keeps the content
+    assert "on 7 held-out passages" in intro
+    assert "its chrF against the author's original is 44.25 against the base model's 21.50" in intro
+    assert "95% CI +9.50 … +31.25" in intro
+    assert "it keeps 82% of the draft's content words (base: 41%" in intro
+    assert "30% of its words copied verbatim from the draft (base: 5%)" in intro
+    # the training section: the tasks with their samples per split
+    training = card.text.split("## Training")[1]
+    assert "  - answering questions in the author's voice: 301 train / 33 validation / 29 test" \
+        in training
+    assert "  - rewriting a draft in the author's voice: 17 train / 6 validation / 7 test" \
+        in training
+    assert "30 pairs in all" in training
+    # the evaluation: a subsection per task; the rewrite table from the files
+    evaluation = card.text.split("## Evaluation")[1].split("## Training")[0]
+    qa, rewrite = evaluation.split("### Rewriting a draft")
+    assert "### Answering questions" in qa and "| word overlap (Jaccard) |" in qa
+    assert "The voice score (an authorship-verification model fit on the training answers) is " \
+        "uninformative on this data" in qa
+    assert "the 7 held-out passages of pairs.jsonl" in rewrite
+    assert "at most 192 new tokens; 5 base and 2 fine-tuned rewrites hit the limit" in rewrite
+    for row in (
+            "| like the author: chrF against the original (0–100) | 21.50 | 44.25 | "
+            "+22.75 (+9.50 … +31.25) | +105.8% | 6 / 0 / 1 |",
+            "| like the author: ROUGE-L F1 against the original | 0.1234 | 0.3456 | "
+            "+0.2222 (+0.1111 … +0.3333) | +180.1% | 5 / 1 / 1 |",
+            "| like the author: voice score, P(the author wrote it) | 0.235 | 0.778 | "
+            "+0.543 (+0.400 … +0.650) | +231.5% | 7 / 0 / 0 |",
+            "| keeps the content: share of the draft's content words kept | 0.411 | 0.822 | "
+            "+0.411 (+0.200 … +0.600) | +100.0% | 7 / 0 / 0 |",
+            "| copied verbatim from the draft (share of the rewrite) | 0.051 | 0.303 | | | |",
+            "| length ratio: rewrite words / the original's (1 is the author's length) | 2.75 | "
+            "1.08 | | | |",
+            "| length off: distance of the length ratio from 1 (lower is better; difference = "
+            "base − fine-tuned) | 1.80 | 0.21 | +1.59 (+0.75 … +2.50) | +88.3% | 6 / 0 / 1 |",
+            "| perplexity of the author's originals given the draft (lower is better) | 14.20 | "
+            "9.85 | -4.35 | | |"):
+        assert row in rewrite, row
+    assert ("the author's own held-out passages score 0.901, the base model's rewrites 0.235: "
+            "this model's 0.778 closes 81.2% of that gap (95% CI 60.0% … 95.0%)") in rewrite
+    assert f"> **Draft:** {DRAFT}\n>\n> **Rewrite:** Late again, the old tub.\n> We never wait, lad." \
+        in rewrite
+    # the usage: a question and a rewrite request, each with the persona
+    usage = card.text.split("## Use it")[1].split("## Evaluation")[0]
+    assert "--prompt 'Should I reef before a squall?'" in usage
+    assert "--prompt $'Rewrite this in my voice:\\n\\nThe boat was late. We didn\\'t wait.'" in usage
+    assert usage.count("--system-prompt ") == 2
+    # the model-index: the rewrite entries are a task and dataset of their own
+    assert results_of(card, REWRITE_TASK) == {
+        "chrf": 44.25, "chrf_gain_over_base": 22.75, "rouge_l": 0.3456,
+        "rouge_l_gain_over_base": 0.2222, "content_kept": 0.8222,
+        "content_kept_gain_over_base": 0.4111, "length_ratio": 1.08,
+        "length_off_reduction_over_base": 1.59, "voice_score": 0.7777, "perplexity": 9.85}
+    assert {"word_overlap", "rouge_l", "perplexity"} <= set(results_of(card, QA_TASK))
+    rewrites = [r for r in card.data.eval_results if r.task_name == REWRITE_TASK]
+    assert {(r.task_type, r.dataset_config, r.dataset_split) for r in rewrites} == {
+        ("text-generation", "rewrite", "test")}
+    assert all("held-out passages" in r.dataset_name for r in rewrites)
+    gain = next(r for r in rewrites if r.metric_type == "chrf_gain_over_base")
+    assert "95% CI +9.50 to +31.25; W/T/L 6/0/1" in gain.metric_name
+
+
+def test_rewrite_voice_score_uninformative_is_no_figure(project, fresh, hub):
+    trained_both(project, voice={"informative": False, "verdict": "uninformative on these "
+                                 "rewrites (AUC 0.55)"})
+    card = ModelCard.load(dry_run(project) / "README.md")
+    rewrite = card.text.split("### Rewriting a draft")[1]
+    assert "The voice score on the rewrites is uninformative on these rewrites (AUC 0.55)." \
+        in rewrite
+    assert "voice score, P(the author wrote it)" not in rewrite
+    assert "voice_score" not in results_of(card, REWRITE_TASK)
+    assert "chrf" in results_of(card, REWRITE_TASK)
+
+
+@pytest.mark.parametrize("data", [{}, {"task": "qa", "rewrite_ratio": None, "tasks": {
+    split: {"qa": c["qa"], "rewrite": 0} for split, c in TASK_COUNTS.items()}}])
+def test_qa_only_card_says_nothing_of_rewrites(project, fresh, hub, data):
+    _edit(project / "metrics/data.json", lambda d: d.update(data))
+    card = ModelCard.load(dry_run(project, "gguf") / "README.md")
+    assert "rewrit" not in card.text.lower()
+    assert "###" not in card.text and "Trained for" not in card.text
+    assert card.text.split("## Use it")[0].split("\n\n")[1].startswith(
+        f"A GGUF export of [{HUB_ID}](https://huggingface.co/{HUB_ID}), fine-tuned to answer in "
+        "one person's voice with voicetune")
+    assert results_of(card, REWRITE_TASK) == {}
+    assert {r.task_name for r in card.data.eval_results} == {QA_TASK}
+
+
+def test_card_of_a_rewrite_only_run(project, fresh, hub):
+    trained_both(project, qa=False, voice=None, model="fused")
+    card = ModelCard.load(dry_run(project, "fused") / "README.md")
+    intro = card.text.split("## Use it")[0]
+    assert "Trained for rewriting a draft in the author's voice (17 training samples)." in intro
+    assert "answering questions" not in card.text and "word overlap" not in card.text
+    assert "### " not in card.text  # one task: no subsections
+    assert "| like the author: chrF against the original (0–100) | 21.50 | 44.25 |" in card.text
+    assert "--prompt $'Rewrite this in my voice:" in card.text and "--prompt '" not in card.text
+    assert {r.task_name for r in card.data.eval_results} == {REWRITE_TASK}
+    assert "voice_score" not in results_of(card, REWRITE_TASK)
+
+
+def test_rewrite_only_run_without_figures_refused(project, fresh, hub):
+    trained_both(project, qa=False, voice=None)
+    (project / "metrics/compare.json").write_text(json.dumps({"lora_vs_base": {}}))
+    with pytest.raises(UserError, match=r"no lora_vs_base comparison \(.*rewrite\).*would have no "
+                                        r"evaluation"):
+        dry_run(project)
