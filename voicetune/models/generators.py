@@ -215,6 +215,22 @@ class Endpoint:
             "model it serves; null generates in-process")
 
 
+def stage_generator(p: dict, model_dir: str | Path, section: str, fast_cpu: str):
+    """``make_generator`` for a stage: in-process, MLX's BLAS checked (a loud warning on the
+    slow reference one) and the fast CPU kernels set by ``kernels.fast_cpu``; for an endpoint, a
+    warning on stderr when a key would be sent in the clear."""
+    import sys
+
+    if not p["endpoint"]:
+        from voicetune.core import blas, kernels
+
+        blas.check(verbose=False)
+        kernels.enable(fast_cpu)
+    elif warning := credentials_warning(p["endpoint"], section):
+        print(f"WARNING: {warning}", file=sys.stderr)
+    return make_generator(p, model_dir, section)
+
+
 def make_generator(p: dict, model_dir: str | Path, section: str):
     """The generator that the params ``p`` of ``section`` ask for: ``endpoint`` (null:
     in-process from ``model_dir``), ``endpoint_model``, ``api_key_env``, ``timeout``,
