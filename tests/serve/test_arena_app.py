@@ -521,3 +521,18 @@ def test_the_server_battles_the_test_splits_rewrite_rows_with_eval_rewrite_max_t
     assert [q["task"] for q in config.questions] == ["qa", "rewrite"]
     assert config.questions[1]["question"] == user_message(DRAFT)
     assert config.questions[1]["reference"] == ORIGINAL
+
+
+def test_make_arena_passes_the_length_limits_to_the_server(monkeypatch):
+    """`python -m voicetune.tools.arena --max-tokens N --rewrite-max-tokens M`: the Q&A battles'
+    and the rewrite battles' limits reach serve() apart; without the flags, None (params.yaml's)."""
+    from voicetune.tools import arena as tool
+    from tests.conftest import ROOT
+
+    calls = []
+    monkeypatch.setattr(tool, "serve", lambda params, **kw: calls.append(kw) or 0)
+    params = str(ROOT / "params.yaml")
+    assert tool.main(["--params", params, "--max-tokens", "30", "--rewrite-max-tokens", "70"]) == 0
+    assert tool.main(["--params", params]) == 0
+    assert (calls[0]["max_tokens"], calls[0]["rewrite_max_tokens"]) == (30, 70)
+    assert (calls[1]["max_tokens"], calls[1]["rewrite_max_tokens"]) == (None, None)

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused", default="models/fused")
     ap.add_argument("--preference-adapters", default="models/preference_adapters")
     ap.add_argument("--system", help="persona prompt (default: params.yaml's data.system_prompt)")
-    ap.add_argument("--max-tokens", type=int)
+    ap.add_argument("--max-tokens", type=int, help="a Q&A battle's and the chat tab's length limit")
+    ap.add_argument("--rewrite-max-tokens", type=int,
+                    help="a rewrite battle's length limit (default: eval.rewrite_max_tokens)")
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--no-check", action="store_true",
                     help="skip DVC's freshness check (models given by path, outside the pipeline)")
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return export_pairs(args.votes, args.out, args.all_adapters)
     return serve(load_params(args.params), host=args.host, port=args.port, votes=args.votes,
                  test=args.test, system=args.system, max_tokens=args.max_tokens,
+                 rewrite_max_tokens=args.rewrite_max_tokens,
                  temperature=args.temperature, check=not args.no_check,
                  paths={"base": args.base, "adapters": args.adapters, "fused": args.fused,
                         "preference_adapters": args.preference_adapters})
