@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -122,7 +123,10 @@ def spawn(tiny, *args, cwd=ROOT) -> pexpect.spawn:
     child = pexpect.spawn(sys.executable, ["-m", "voicetune.tools.chat", "--base", str(tiny["base"]),
                                            "--adapters", str(tiny["adapters"]), "--fused",
                                            str(tiny["fused"]), "--no-check", "--system", PERSONA, *args],
-                          cwd=str(cwd), env=env, encoding="utf-8", timeout=60, dimensions=(40, 1000))
+                          cwd=str(cwd), env=env, encoding="utf-8", timeout=60, dimensions=(40, 1000),
+                          # Ctrl-C as in a user's terminal, even when the tests run as a
+                          # background job (which a shell starts with SIGINT ignored)
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact("you> ")
     return child
 
