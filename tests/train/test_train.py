@@ -264,6 +264,17 @@ def test_a_checkpoint_is_whole_wherever_its_save_is_killed(tmp_path, monkeypatch
     assert not left, "a killed save's temporary file is left behind"
 
 
+def test_the_best_adapter_file_has_the_same_bytes_whatever_its_tensors_order(tmp_path):
+    # a resumed run whose best adapter predates its checkpoint writes it from the checkpoint's
+    # file, in the order mx.load gives; the uninterrupted run wrote it in the model's order
+    tensors = {f"layers.{i}.lora_{ab}": mx.array([float(i), 1.0]) for i in range(12) for ab in "ab"}
+    files = []
+    for name, items in (("model", tensors.items()), ("reversed", reversed(tensors.items()))):
+        Checkpoint(tmp_path / name, "fp").save_best(dict(items))
+        files.append((tmp_path / name / "best_adapters.safetensors").read_bytes())
+    assert files[0] == files[1]
+
+
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
     Checkpoint(tmp_path, "params-A").save(Progress(iteration=7), {"model.w": mx.array([1, 2])})
     assert Checkpoint(tmp_path, "params-A").load()[0].iteration == 7

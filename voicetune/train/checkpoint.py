@@ -78,9 +78,12 @@ class Checkpoint:
 
     def save_best(self, adapters: dict[str, mx.array]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.best = dict(adapters)
+        # by name: MLX lays a file's tensors out in the order they are given, and the best
+        # adapter comes from the model (a run) or from a checkpoint's file (a resumed run):
+        # one order gives a resumed run the uninterrupted run's bytes
+        self.best = dict(sorted(adapters.items()))
         tmp = self.folder / "best.tmp.safetensors"
-        mx.save_safetensors(str(tmp), adapters)
+        mx.save_safetensors(str(tmp), self.best)
         os.replace(tmp, self.best_file)
 
     def remove(self) -> None:
