@@ -20,7 +20,7 @@ endef
 export SPLIT_ARGS_PY
 ARGV = args=$$($(PY) -c "$$SPLIT_ARGS_PY" $(call q,$(ARGS))) && eval "set -- $$args"
 
-.PHONY: setup repro test clean recipe blas bench train-distributed lock runs chat bench-chat publish gguf arena arena-export architecture voice
+.PHONY: setup repro test clean recipe blas bench plan train-distributed lock runs chat bench-chat publish gguf arena arena-export architecture voice
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock requirements-model.lock
@@ -66,6 +66,12 @@ blas: setup  ## which BLAS MLX uses here and why: make blas [ARGS="--measure 5 [
 bench: setup  ## speed: MLX vs PyTorch+PEFT vs the matmul ceiling -> metrics/bench.json
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m voicetune.tools.bench
+
+# Which training settings fit in memory (quantization, checkpointing, batch size, sequence
+# length): for params.yaml and models/base here, or e.g. ARGS="--config phi3-mini --recipe
+# recipes/phi3-blog.yaml --machine-gb 8 16 32" (docs/memory.md).
+plan: setup  ## which settings fit in memory: make plan [ARGS="--machine-gb 8 16 32 | --config phi3-mini"]
+	@$(ARGV) && $(PY) -m voicetune.tools.memory_plan "$$@"
 
 # The train stage on NP processes here, or one per host of HOSTS (an mlx.launch hostfile);
 # `dvc commit` then records its outputs, so `make repro` goes on from there.

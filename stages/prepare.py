@@ -89,8 +89,9 @@ def main() -> None:
     if task != "qa":
         counts = summary["tasks"]
         print("  rewrite samples: " + " / ".join(f"{name} {counts[name]['rewrite']}" for name in counts))
-    print(f"  {steps_per_epoch} steps per epoch at batch {t['batch_size']}: "
-          f"{t['iters']} iters = {summary['epochs']} epochs")
+    length = f"{t['iters']} iters = {summary['epochs']} epochs" if t.get("epochs") is None \
+        else f"{t['epochs']} epochs = {t['epochs'] * steps_per_epoch} iters"
+    print(f"  {steps_per_epoch} steps per epoch at batch {t['batch_size']}: {length}")
     print(f"  tokens per sample: p50 {tok['p50']}, p90 {tok['p90']}, p99 {tok['p99']}, max {tok['max']}; "
           f"{tok['over_max_seq_length']} over max_seq_length {t['max_seq_length']}")
     if duplicates or conflicts:

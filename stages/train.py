@@ -14,6 +14,7 @@ Several machines (or processes): `make train-distributed HOSTS=hosts.json` runs 
 under `mlx.launch` (see voicetune/tools/distributed.py); rank 0 writes every output.
 """
 import argparse
+import io
 import math
 import sys
 import types
@@ -28,7 +29,7 @@ from voicetune.models.lora import apply_lora, parameter_counts
 from voicetune.core.params import early_stopping_problem, load_params
 from voicetune.train.checkpoint import Checkpoint
 from voicetune.train.outputs import StagedOutputs
-from voicetune.train.sft import TrainConfig, run_fingerprint, train
+from voicetune.train.sft import TrainConfig, epochs_summary, resolve_iters, run_fingerprint, train
 
 import mlx.core as mx  # noqa: E402  (after voicetune, which sets up a fast BLAS first)
 from mlx_lm import load  # noqa: E402
@@ -51,16 +52,12 @@ def main() -> int:
     args = ap.parse_args()
     params = load_params(args.params)
     lora_p, train_p = params["lora"], params["train"]
-    cfg = TrainConfig.from_params(train_p)
 
     group = mx.distributed.init()
     lead = group.rank() == 0  # only rank 0 prints the summary and writes outputs
     blas.check(verbose=lead)
-    stopping_problem = early_stopping_problem("train", train_p)
-    if stopping_problem and lead:
-        print(f"warning: {stopping_problem}", file=sys.stderr)
     fast_cpu = kernels.enable(params["kernels"]["fast_cpu"])
-    mx.random.seed(cfg.seed)  # LoRA's initial A matrices and dropout draw from this
+    mx.random.seed(train_p["seed"])  # LoRA's initial A matrices and dropout draw from this
     model, tokenizer = load(args.model)
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)  # MLX's CPU backend is ~14x slower in bfloat16
@@ -75,12 +72,22 @@ def main() -> int:
     data_cfg = types.SimpleNamespace(mask_prompt=train_p["mask_prompt"])
     train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, data_cfg)
     train_set, valid_set = CacheDataset(train_set), CacheDataset(valid_set)
-    # before any step: expected count (checked against the real one) and memory; the longest
-    # sample makes the widest batch, so it sets the peak
-    longest = max((len(train_set[i][0]) for i in range(len(train_set))), default=None)
-    if lead:
-        memory.report_before_training(args.model, lora_p, train_p, trainable, longest,
-                                        dtype_bytes=4 if mx.default_device() == mx.cpu else None)
+    # the run's length: train.iters, or train.epochs x the batches of an epoch
+    iters, batches_per_epoch = resolve_iters(train_p, len(train_set))
+    cfg = TrainConfig.from_params(train_p, iters=iters)
+    stopping_problem = early_stopping_problem("train", train_p, iters)
+    if stopping_problem and lead:
+        print(f"warning: {stopping_problem}", file=sys.stderr)
+    # before any step: expected count (checked against the real one) and memory, refused
+    # (a UserError naming the settings to change) when it cannot fit; the longest samples make
+    # the widest batch, so they set the peak
+    shape = memory.batch_shape([(len(tokens), offset) for tokens, offset in
+                                (train_set[i] for i in range(len(train_set)))],
+                               train_p["batch_size"], train_p["max_seq_length"])
+    estimate = memory.check_before_training(
+        args.model, lora_p, train_p, trainable, shape["width"], shape["targets"],
+        dtype_bytes=4 if mx.default_device() == mx.cpu else None,
+        out=None if lead else io.StringIO())  # every process refuses; rank 0 prints
 
     # weights, tokenizer and chat template by content, the kernels and this stage's code: a
     # resumed run continues the same computation
@@ -104,11 +111,13 @@ def main() -> int:
         "base_val_loss": base_val_loss,
         "base_val_perplexity": math.exp(base_val_loss),
         **result.ending(trainable, total),
+        **epochs_summary(train_p, iters, batches_per_epoch, result.stopped_at),
         "trainable_share": trainable / total,
         "train_seconds": round(result.train_seconds, 1),
         "seconds_per_iteration": result.train_seconds / max(1, result.stopped_at),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_memory_gb": round(result.peak_memory_gb, 3),
+        "memory_estimate_gb": round(estimate["total_gb"], 3) if estimate else None,
         "val_samples": result.last["val_samples"],
         "val_tokens": result.last["val_tokens"],
     }

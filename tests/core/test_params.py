@@ -204,6 +204,71 @@ def test_a_ratio_sum_is_reported_beside_other_problems_of_its_section(tmp_path, 
                      "expected a sum < 1 (what is left is the training split)"]
 
 
+# ------------------------------------------------------------------ train.iters or train.epochs
+EXACTLY_ONE = "set exactly one of train.iters and train.epochs"
+WHOLE_EPOCHS = ("expected an integer >= 1 (every training sample this many times; whole epochs only: "
+                "for part of one, set train.iters instead) or null (train.iters sets it)")
+
+
+@pytest.mark.parametrize("change,expected", [
+    (_set("train", "epochs", 2),  # beside the committed iters: 40
+     [f"params.yaml: train.epochs: got 2 beside train.iters=40; {EXACTLY_ONE}"]),
+    (_set("train", "iters", None),  # and epochs: null, as committed
+     [f"params.yaml: train.epochs: null or missing, and so is train.iters; {EXACTLY_ONE}"]),
+    (lambda p: (p["train"].pop("iters"), p["train"].pop("epochs")),  # a file with neither key
+     [f"params.yaml: train.epochs: null or missing, and so is train.iters; {EXACTLY_ONE}"]),
+    (lambda p: p["train"].update(iters=None, epochs=0), [f"params.yaml: train.epochs: got 0; {WHOLE_EPOCHS}"]),
+    (lambda p: p["train"].update(iters=None, epochs=1.5), [f"params.yaml: train.epochs: got 1.5; {WHOLE_EPOCHS}"]),
+    (lambda p: p["train"].update(iters=None, epochs=2.0),
+     [f"params.yaml: train.epochs: got 2.0; {WHOLE_EPOCHS} (write 2)"]),
+    (lambda p: p["train"].update(iters=None, epochs="2"),
+     [f'params.yaml: train.epochs: got "2"; {WHOLE_EPOCHS} (a string: remove the quotes)']),
+    (lambda p: p["train"].update(iters=0),
+     ["params.yaml: train.iters: got 0; expected an integer >= 1 (the number of iterations, an upper "
+      "bound) or null (train.epochs sets it)"]),
+    # beside another problem of the section (pydantic then skips the cross-key rule): both reported
+    (lambda p: (p["train"].update(epochs=3), p["train"].pop("batch_size")),
+     ["params.yaml: train.batch_size: missing (an integer >= 1)",
+      f"params.yaml: train.epochs: got 3 beside train.iters=40; {EXACTLY_ONE}"]),
+])
+def test_exactly_one_of_iters_and_epochs(tmp_path, monkeypatch, change, expected):
+    found = problems_of(tmp_path, monkeypatch, change)
+    assert found == expected
+
+
+def test_iters_alone_or_epochs_alone_validates(tmp_path):
+    # a params file from before train.epochs (iters, no epochs key) validates unchanged
+    old = copy.deepcopy(COMMITTED)
+    del old["train"]["epochs"]
+    loaded = load_params(write(tmp_path, old))
+    assert (loaded["train"]["iters"], loaded["train"]["epochs"]) == (40, None)
+    assert {k: v for k, v in loaded["train"].items() if k != "epochs"} == old["train"]
+    for epochs_only in ({"iters": None, "epochs": 3}, {"epochs": 3}):
+        params = copy.deepcopy(old)
+        params["train"].pop("iters")
+        params["train"].update(epochs_only)
+        loaded = load_params(write(tmp_path, params))
+        assert (loaded["train"]["iters"], loaded["train"]["epochs"]) == (None, 3)
+
+
+def test_the_early_stopping_warning_takes_the_resolved_iterations():
+    from voicetune.core.params import early_stopping_problem
+
+    section = {**COMMITTED["train"], "iters": None, "epochs": 2, "steps_per_eval": 7,
+               "early_stopping": {"patience": 2, "min_delta": 0.001}}
+    # 2 epochs of 7 batches: 14 iterations, validations at 7 and 14: one before the last step
+    assert early_stopping_problem("train", section, 14) == (
+        "train.early_stopping.patience=2 can never stop a run early: 1 validation before the last "
+        "step (train.epochs=2: 14 iterations, train.steps_per_eval=7); lower the patience to 1 or "
+        "validate more often")
+    assert early_stopping_problem("train", section, 15) is None  # 2 validations before step 15
+    with pytest.raises(ValueError, match="pass the resolved number of iterations"):
+        early_stopping_problem("train", section)  # iters is null: nothing to guess from
+    # an iters section reads its own iters, as before
+    assert "(train.iters=40, train.steps_per_eval=20)" in early_stopping_problem(
+        "train", {**COMMITTED["train"], "early_stopping": {"patience": 5, "min_delta": 0.0}})
+
+
 # ------------------------------------------------------------------ the file itself
 def test_missing_file_is_a_message(tmp_path):
     with pytest.raises(ParamsError, match=r"nope\.yaml: no such file"):

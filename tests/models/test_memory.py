@@ -1,9 +1,12 @@
 import json
+import re
 
 import pytest
 
-from voicetune.models.memory import (EstimateError, base_parameter_count, lora_parameter_count,
-                                memory_estimate, report, report_before_training)
+from voicetune.models import memory
+from voicetune.models.memory import (EstimateError, MemoryPlanError, base_parameter_count,
+                                     check_before_training, lora_parameter_count, mac_usable_gb,
+                                     memory_estimate, plan, report, weights_bytes)
 
 PHI3_MINI = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8192,
@@ -71,7 +74,13 @@ def test_memory_grows_with_batch_and_checkpointing_saves_activations():
     assert ckpt["total_gb"] < small["total_gb"]
     assert small["weights_gb"] == pytest.approx(3_821_079_552 * 2 / 1e9)
     assert small["optimizer_gb"] == pytest.approx(2 * 9_437_184 * 4 / 1e9)
-    assert small["logits_gb"] == pytest.approx(2 * 4 * 512 * 32064 * 4 / 1e9)
+    # every position trained (no targets given): logits, softmax and gradient in float32
+    assert small["logits_gb"] == pytest.approx(3 * 4 * 512 * 32064 * 4 / 1e9)
+    # only the trained (answer) positions go through the vocabulary projection
+    answers = memory_estimate(PHI3_MINI, LORA, TRAIN, 2, seq_len=512, targets=300)
+    assert answers["logits_gb"] == pytest.approx(3 * 300 * 32064 * 4 / 1e9)
+    assert small["total_gb"] - answers["total_gb"] == pytest.approx(
+        small["logits_gb"] - answers["logits_gb"])
     # seq_len defaults to, and is capped at, train.max_seq_length
     assert memory_estimate(PHI3_MINI, LORA, TRAIN, 2)["tokens"] == 4 * 2048
     assert memory_estimate(PHI3_MINI, LORA, TRAIN, 2, seq_len=10**6)["seq_len"] == 2048
@@ -80,24 +89,185 @@ def test_memory_grows_with_batch_and_checkpointing_saves_activations():
     assert last8["activations_gb"] == pytest.approx(small["activations_gb"] / 4)
 
 
-def test_report_warns_loudly_when_memory_is_short(capsys):
+def test_report_says_whether_it_fits(capsys):
     est = memory_estimate(PHI3_MINI, LORA, TRAIN, 2, seq_len=512)
-    assert report(est, physical_gb=1000.0)
-    out, err = capsys.readouterr()
-    assert "total ~" in out and "1000.0 GB" in out and err == ""
-    assert not report(est, physical_gb=4.0)
-    out, err = capsys.readouterr()
-    assert "WARNING" in err and "grad_checkpoint" in err
+    assert report(est, usable_gb=1000.0, source="test memory")
+    out, _ = capsys.readouterr()
+    assert "total ~" in out and "1000.0 GB (test memory)" in out
+    assert not report(est, usable_gb=4.0)
+    assert "of 4.0 GB" in capsys.readouterr().out
 
 
-def test_report_before_training_flags_a_count_mismatch(tmp_path, capsys):
+def test_check_before_training_flags_a_count_mismatch(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(PHI3_MINI))
-    report_before_training(tmp_path, LORA, TRAIN, 9_437_184, seq_len=256)
+    roomy = (1000.0, "test")
+    check_before_training(tmp_path, LORA, TRAIN, 9_437_184, seq_len=256, usable=roomy)
     out, err = capsys.readouterr()
     assert "9,437,184 (matches)" in out and "(2-byte weights" in out  # no torch_dtype: 2
-    report_before_training(tmp_path, LORA, TRAIN, 3_145_728, seq_len=256, dtype_bytes=4)
+    check_before_training(tmp_path, LORA, TRAIN, 3_145_728, seq_len=256, dtype_bytes=4,
+                          usable=roomy)
     out, err = capsys.readouterr()
     assert "WARNING" in err and "(4-byte weights" in out
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    report_before_training(tmp_path, LORA, TRAIN, 1)  # unsupported: a note, no crash
+    assert check_before_training(tmp_path, LORA, TRAIN, 1, usable=roomy) is None  # a note
     assert "no estimate" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ quantized weights
+NORMS = 32 * 2 * 3072 + 3072  # Phi-3-mini's RMSNorm weights: the only parameters left float
+
+
+@pytest.mark.parametrize("bits,dtype_bytes", [(4, 2), (8, 2), (4, 4), (8, 4)])
+def test_quantization_lowers_the_weights_by_the_expected_ratio(bits, dtype_bytes):
+    base = 3_821_079_552
+    plain = memory_estimate(PHI3_MINI, LORA, TRAIN, dtype_bytes, seq_len=512, quantize=None)
+    quant = memory_estimate(PHI3_MINI, LORA, TRAIN, dtype_bytes, seq_len=512, quantize=bits)
+    # every Phi-3-mini linear and the embeddings have a last dimension divisible by 64: packed
+    # weights plus a scale and a bias per 64 in the float dtype; the norms stay float
+    per_weight = bits / 8 + 2 * dtype_bytes / 64
+    expected = ((base - NORMS) * per_weight + NORMS * dtype_bytes) / (base * dtype_bytes)
+    assert quant["weights_gb"] / plain["weights_gb"] == pytest.approx(expected, rel=1e-9)
+    assert plain["weights_gb"] == pytest.approx(base * dtype_bytes / 1e9)
+    # the rest of the estimate is the same; only the weights term moves
+    assert quant["total_gb"] - quant["weights_gb"] == pytest.approx(
+        plain["total_gb"] - plain["weights_gb"])
+    # a quantized folder's config.json says the same as a planned quantize
+    folder = {**PHI3_MINI, "quantization": {"group_size": 64, "bits": bits}}
+    assert memory_estimate(folder, LORA, TRAIN, dtype_bytes, seq_len=512)["weights_gb"] == \
+        pytest.approx(quant["weights_gb"])
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+def test_quantized_weights_match_an_mlx_lm_quantized_model(bits, group_size):
+    """The bytes of a model quantized by mlx-lm (float32 scales, as on a CPU), including a
+    down_proj whose input (96) is not a multiple of 64: left in float32."""
+    from mlx.utils import tree_flatten
+    import mlx.core as mx
+    from mlx_lm.utils import quantize_model
+
+    config = {**TINY, "model_type": "llama", "num_key_value_heads": 2}
+    model = _tiny(config)
+    model.set_dtype(mx.float32)
+    model, quantized_config = quantize_model(model, config, group_size, bits)
+    real = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert weights_bytes(config, 4, quantize=bits, group_size=group_size) == real
+    assert weights_bytes(quantized_config, 4) == real  # from config.json's "quantization"
+    assert real < weights_bytes(config, 4, quantize=None) / 2  # and it did shrink
+
+
+# ------------------------------------------------------------------ usable memory and the plan
+def test_usable_memory_rule_for_macs():
+    # Metal's recommendedMaxWorkingSetSize: 2/3 of RAM up to 32 GiB (16 GiB -> 10922.67 MiB),
+    # 3/4 above (64 GiB -> 51539.61 MB, both as llama.cpp's Metal logs print them)
+    assert mac_usable_gb(16) * 1e9 / 2**20 == pytest.approx(10922.67, abs=0.01)
+    assert mac_usable_gb(64) * 1e3 == pytest.approx(51539.61, abs=0.01)
+    assert mac_usable_gb(8) == pytest.approx(5.727, abs=1e-3)
+    assert mac_usable_gb(32) == pytest.approx(32 * 2**30 * 2 / 3 / 1e9)
+
+
+def test_usable_memory_here(monkeypatch):
+    import mlx.core as mx
+
+    if not mx.metal.is_available():
+        assert memory.usable_memory_gb() == (memory.physical_memory_gb(), "physical memory")
+    info = {"memory_size": 16 * 2**30, "max_recommended_working_set_size": 11453246122}
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: info, raising=False)
+    gb, source = memory.usable_memory_gb()
+    assert gb == pytest.approx(11.453246122) and "Metal" in source and "17.2 GB" in source
+
+
+def _apply(changes: dict, config: dict, train: dict):
+    """params changes as the plan names them -> (quantize, train)."""
+    quantize, train = None, dict(train)
+    for key, value in changes.items():
+        if key == "model.quantize":
+            quantize = value
+        else:
+            train[key.removeprefix("train.")] = value
+    return quantize, train
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_settings_that_do_fit(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_MINI))
+    train = {**TRAIN, "grad_checkpoint": False}
+    full = memory_estimate(PHI3_MINI, LORA, train, 2, seq_len=512)
+    usable = full["total_gb"] * 0.7  # checkpointing saves far more than 30% here
+    with pytest.raises(MemoryPlanError) as err:
+        check_before_training(tmp_path, LORA, train, 9_437_184, seq_len=512, dtype_bytes=2,
+                              usable=(usable, "a test machine"))
+    text = str(err.value)
+    assert f"{full['total_gb']:.1f} GB" in text and f"{usable:.1f} GB" in text
+    assert "a test machine" in text
+    fixes = re.findall(r"set (.+?) \(est\. ([\d.]+) GB\)", text)
+    assert fixes and fixes[0][0] == "train.grad_checkpoint: true"  # the cheapest change first
+    for described, est_gb in fixes:  # each suggested fix really fits, by the same estimate
+        changes = {k: yaml_value(v) for k, v in (p.split(": ") for p in described.split(" and "))}
+        quantize, fixed = _apply(changes, PHI3_MINI, train)
+        got = memory_estimate(PHI3_MINI, LORA, fixed, 2, seq_len=512, quantize=quantize)
+        assert got["total_gb"] <= usable and f"{got['total_gb']:.1f}" == est_gb
+    # the same run with room to spare passes, and returns its estimate
+    est = check_before_training(tmp_path, LORA, train, 9_437_184, seq_len=512, dtype_bytes=2,
+                                usable=(full["total_gb"] * 1.01, "a bigger machine"))
+    assert est["total_gb"] == pytest.approx(full["total_gb"])
+
+
+def yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def test_the_plan_reaches_for_quantization_and_smaller_batches_when_checkpointing_is_not_enough():
+    train = {**TRAIN, "grad_checkpoint": True}
+    ckpt = memory_estimate(PHI3_MINI, LORA, train, 2, seq_len=512)
+    q4 = memory_estimate(PHI3_MINI, LORA, train, 2, seq_len=512, quantize=4)
+    usable = (ckpt["total_gb"] + q4["total_gb"]) / 2  # only quantizing (or more) can fit
+    rows = plan(PHI3_MINI, LORA, train, usable, 2, seq_len=512)
+    fixes = memory.cheapest_fixes(rows)
+    assert [r["changes"] for r in fixes][:1] in ([{"model.quantize": 8}], [{"model.quantize": 4}])
+    assert all(r["fits"] and r["total_gb"] <= usable for r in fixes)
+    assert not any(r["fits"] for r in rows if not r["changes"])  # as configured: no fit
+    # on a machine where nothing fits, the refusal says so
+    tiny = memory.refusal(ckpt, plan(PHI3_MINI, LORA, train, 0.1, 2, 512), 0.1, "a tiny machine")
+    assert "No setting" in tiny and "To fit" not in tiny
+
+
+def test_check_before_training_honours_train_memory_limit_gb(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_MINI))
+    est = memory_estimate(PHI3_MINI, LORA, TRAIN, 2, seq_len=256)
+    monkeypatch.setattr(memory, "usable_memory_gb", lambda: (1e6, "a huge machine"))
+    # null: this machine's usable memory
+    check_before_training(tmp_path, LORA, {**TRAIN, "memory_limit_gb": None}, 9_437_184, 256)
+    with pytest.raises(MemoryPlanError, match=r"train\.memory_limit_gb"):
+        check_before_training(tmp_path, LORA, {**TRAIN, "memory_limit_gb": est["total_gb"] - 0.1},
+                              9_437_184, 256)
+    check_before_training(tmp_path, LORA, {**TRAIN, "memory_limit_gb": est["total_gb"] + 0.1},
+                          9_437_184, 256)
+    monkeypatch.setattr(memory, "usable_memory_gb", lambda: (1.0, "a small machine"))
+    with pytest.raises(MemoryPlanError, match="a small machine"):
+        check_before_training(tmp_path, LORA, {**TRAIN, "memory_limit_gb": None}, 9_437_184, 256)
+    check_before_training(tmp_path, LORA, {**TRAIN, "memory_limit_gb": 1000.0}, 9_437_184, 256)
+
+
+def test_train_stage_refuses_before_training(tmp_path, tiny_model_dir, tiny_data_dir):
+    from tests.harness.training import run_train, train_params
+
+    folder, done = run_train(tmp_path, tiny_model_dir, tiny_data_dir,
+                             train_params(memory_limit_gb=0.001))
+    assert done.returncode == 1, done.stderr
+    assert "train: training needs an estimated" in done.stderr
+    assert "0.0 GB it may use (train.memory_limit_gb)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "memory estimate for batches of 2 x" in done.stdout  # printed, then refused
+    for output in ("adapters", "train.json", "live", "checkpoint"):  # before any step
+        assert not (folder / output).exists(), output
+
+
+def test_batch_shape_is_the_widest_batch_and_the_most_trained_tokens():
+    samples = [(10, 4), (300, 100), (50, 10), (40, 39), (290, 10)]
+    # sorted by length: [10, 40, 50, 290, 300] -> batches [10, 40], [50, 290], [300]; the
+    # widest input is 300 padded to a multiple of 32 (collate's width, less the shifted token)
+    assert memory.batch_shape(samples, 2, 2048) == {"width": 320, "targets": (50 - 10) + (290 - 10)}
+    assert memory.batch_shape(samples, 2, 257)["width"] == 256
+    assert memory.batch_shape([], 2, 256) == {"width": None, "targets": None}

@@ -70,6 +70,10 @@ class ModelParams(_Section):
         "a commit sha (40 hex digits; a branch or tag name runs unpinned) or null"))
     chat_template: Optional[str] = Field(None, min_length=1, description=(
         "the path of a Jinja chat template, or null for the model's own"))
+    # QLoRA: the base_model stage quantizes a float source with mlx-lm (null: as it comes)
+    quantize: Optional[Literal[4, 8]] = Field(None, description="4, 8 (bits per weight) or null")
+    quantize_group_size: Literal[32, 64, 128] = Field(64, description=(
+        "32, 64 or 128 (weights per scale and bias)"))
 
 
 class DataParams(_Section):
@@ -105,21 +109,42 @@ def ratio_problem(valid_ratio, test_ratio) -> str | None:
     return None
 
 
-def early_stopping_problem(section: str, values: dict) -> str | None:
+def iters_epochs_problem(iters, epochs) -> str | None:
+    """The one rule across train.iters and train.epochs: exactly one of them sets the run's
+    length (``epochs`` becomes iters once the training split is known: see
+    ``voicetune.train.sft.resolve_iters``)."""
+    if iters is not None and epochs is not None:
+        return (f"got {_show(epochs)} beside train.iters={_show(iters)}; "
+                "set exactly one of train.iters and train.epochs")
+    if iters is None and epochs is None:
+        return ("null or missing, and so is train.iters; set exactly one of train.iters and "
+                "train.epochs")
+    return None
+
+
+def early_stopping_problem(section: str, values: dict, iters: int | None = None) -> str | None:
     """Early stopping that can never end a run before ``iters``: it stops after ``patience``
     validations without improvement, and only (iters - 1) // steps_per_eval of them come
     before the last step. Not refused (a large patience is how one switches it off), but
-    worth a warning: a default that cannot act misleads."""
-    before_last = (values["iters"] - 1) // values["steps_per_eval"]
+    worth a warning: a default that cannot act misleads.
+
+    ``iters``: the run's resolved number of iterations (``resolve_iters`` when the section
+    sets ``epochs``); by default the section's own ``iters``."""
+    iters = values["iters"] if iters is None else iters
+    if iters is None:
+        raise ValueError(f"{section}.iters is null ({section}.epochs sets the run's length): "
+                         "pass the resolved number of iterations")
+    before_last = (iters - 1) // values["steps_per_eval"]
     patience = values["early_stopping"]["patience"]
     if patience <= before_last:
         return None
     fix = f"lower the patience to {before_last} or validate more often" if before_last \
         else "validate more often"
+    length = f"{section}.iters={iters}" if values.get("epochs") is None else \
+        f"{section}.epochs={values['epochs']}: {iters} iterations"
     return (f"{section}.early_stopping.patience={patience} can never stop a run early: "
             f"{before_last or 'no'} validation{'s' * (before_last != 1)} before the last step "
-            f"({section}.iters={values['iters']}, {section}.steps_per_eval="
-            f"{values['steps_per_eval']}); {fix}")
+            f"({length}, {section}.steps_per_eval={values['steps_per_eval']}); {fix}")
 
 
 class LoraParams(_Section):
@@ -137,7 +162,12 @@ class EarlyStoppingParams(_Section):
 
 
 class TrainParams(_Section):
-    iters: int = Field(ge=1)
+    # the run's length: exactly one of the two (``iters_epochs_problem``)
+    iters: Optional[int] = Field(None, ge=1, description=(
+        "an integer >= 1 (the number of iterations, an upper bound) or null (train.epochs sets it)"))
+    epochs: Optional[int] = Field(None, ge=1, description=(
+        "an integer >= 1 (every training sample this many times; whole epochs only: for part of "
+        "one, set train.iters instead) or null (train.iters sets it)"))
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0, allow_inf_nan=False)
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -147,10 +177,21 @@ class TrainParams(_Section):
     steps_per_report: int = Field(10, ge=1)
     grad_checkpoint: bool = False
     max_seq_length: int = Field(2048, ge=2)
+    # the memory the run is planned and refused against (voicetune.models.memory): null is
+    # this machine's usable memory
+    memory_limit_gb: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description=(
+        "a number of GB > 0, or null (this machine's usable memory)"))
     mask_prompt: bool = True
     seed: Seed = 0
     save_every: int = Field(50, ge=1)
     early_stopping: EarlyStoppingParams = Field(default_factory=EarlyStoppingParams)
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        problem = iters_epochs_problem(self.iters, self.epochs)
+        if problem:
+            raise PydanticCustomError("iters_or_epochs", problem)
+        return self
 
 
 def _ascending(value: list[int]) -> list[int]:
@@ -495,6 +536,14 @@ def problems(err: ValidationError, raw, where: str) -> list[str]:
             problem = ratio_problem(*ratios)
             if problem:
                 lines.append(f"{where}: data.valid_ratio + data.test_ratio: {problem}")
+    # the same for train.iters and train.epochs
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict) and not any(e["type"] == "iters_or_epochs" for e in err.errors()):
+        lengths = [train.get("iters"), train.get("epochs")]
+        if all(n is None or (type(n) is int and n >= 1) for n in lengths):
+            problem = iters_epochs_problem(*lengths)
+            if problem:
+                lines.append(f"{where}: train.epochs: {problem}")
     return lines
 
 
@@ -511,6 +560,8 @@ def _line(e: dict, loc: tuple, path: str, where: str) -> str:
     if e["type"] == "ratio_sum":
         section = path + "." if path else ""
         return f"{where}: {section}valid_ratio + {section}test_ratio: {e['msg']}"
+    if e["type"] == "iters_or_epochs":
+        return f"{where}: {path}.epochs: {e['msg']}"
     return f"{where}: {path}: got {_show(e['input'])}; expected {_allowed_at(loc)}{_hint(e, loc)}"
 
 

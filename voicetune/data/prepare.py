@@ -115,7 +115,8 @@ def summary(source: dict, rows: dict[str, list[dict]], lengths: dict[str, list[q
         "duplicates_dropped": duplicates + conflicts,  # conflicts included
         "conflicting_answers": conflicts,
         "steps_per_epoch": steps_per_epoch,
-        "epochs": round(t["iters"] / steps_per_epoch, 2),
+        # train.epochs as given, or what train.iters makes of them
+        "epochs": t["epochs"] if t.get("epochs") is not None else round(t["iters"] / steps_per_epoch, 2),
         "tokens": qa.length_summary(all_lengths, t["max_seq_length"]),
         "train_over_max_seq_length": sum(1 for x in lengths["train"] if x.total > t["max_seq_length"]),
     }

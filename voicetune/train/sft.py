@@ -140,6 +140,27 @@ class TrainConfig(LoopConfig):
     grad_checkpoint: bool
 
 
+def resolve_iters(train: dict, n_train_samples: int) -> tuple[int, int]:
+    """(iterations, batches per epoch) of a validated ``train`` section on a training split
+    of ``n_train_samples``: ``train.iters`` as given, or ``train.epochs`` x the batches of
+    an epoch, ceil(n / batch_size) (every sample once, the last batch maybe partial: see
+    ``batching.length_sorted_batches``)."""
+    if n_train_samples < 1:
+        raise TrainingError("the training split is empty: nothing to train on")
+    batches_per_epoch = math.ceil(n_train_samples / train["batch_size"])
+    iters = train["iters"] if train.get("epochs") is None else train["epochs"] * batches_per_epoch
+    return iters, batches_per_epoch
+
+
+def epochs_summary(train: dict, iters: int, batches_per_epoch: int, stopped_at: int) -> dict:
+    """The run's length in metrics/train.json, in iterations and in epochs: the upper bound
+    (``iters``), the epochs asked for (or what ``train.iters`` makes of them) and those
+    trained before the run stopped."""
+    epochs = train["epochs"] if train.get("epochs") is not None else round(iters / batches_per_epoch, 3)
+    return {"iters": iters, "epochs": epochs, "batches_per_epoch": batches_per_epoch,
+            "epochs_trained": round(stopped_at / batches_per_epoch, 3)}
+
+
 def run_fingerprint(lora: dict, train: dict, model_dir, data_dir, *, fast_cpu: bool, code: str) -> str:
     """What a resumable SFT run depends on (see ``checkpoint.run_fingerprint``)."""
     return fingerprint_of([CHECKPOINT_FORMAT, lora, train], model_dir, data_dir,
