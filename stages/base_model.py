@@ -4,13 +4,15 @@
 
 models/base/source.json records where the weights came from; for a hub repo, the full commit
 sha that was downloaded (a branch or tag in model.revision is resolved to one, with a warning).
+With model.quantize (4 or 8) a float source is quantized with mlx-lm (QLoRA trains on it); a
+source that is already quantized is used as it is. source.json records the quantization.
 """
 import argparse
 import json
 from pathlib import Path
 
 from voicetune.core.errors import run_stage
-from voicetune.models import base_model
+from voicetune.models import base_model, quantize
 from voicetune.models.chat_template import end_of_turn_token
 from voicetune.core.files import atomic_dir
 from voicetune.core.params import load_params
@@ -34,6 +36,12 @@ def main() -> None:
         eot = end_of_turn_token(tokenizer)
         eot_ids = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
         eos_ids = base_model.write_generation_config(out, eot_ids)
+        quantized_here = quantize.check_request(quantize.folder_quantization(out),
+                                                p["quantize"], p["quantize_group_size"])
+        if quantized_here:
+            print(f"quantizing to {p['quantize']} bits (group size {p['quantize_group_size']}) ...")
+            quantize.quantize_folder(out, p["quantize"], p["quantize_group_size"])
+        q = quantize.record(out, quantized_here)
 
     config = json.loads((Path(args.out) / "config.json").read_text())
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
@@ -41,7 +49,8 @@ def main() -> None:
         f"base model: {p['source']}{'@' + record['commit_sha'] if record['commit_sha'] else ''}"
         f" -> {args.out} ({config['model_type']}, "
         f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-        f"{size / 2**20:.0f} MiB of weights); end of turn {eot!r}, stop ids {eos_ids}"
+        f"{size / 2**20:.0f} MiB of {quantize.describe(q)} weights); end of turn {eot!r}, "
+        f"stop ids {eos_ids}"
     )
 
 

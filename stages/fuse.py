@@ -3,7 +3,8 @@
     python stages/fuse.py                  # reads params.yaml (fuse section)
 
 The fused model is verified before it is moved into place: same logits as base+adapters
-within fuse.logit_tolerance, same greedy answers, and different from the base model.
+within fuse.logit_tolerance, same greedy answers, and different from the base model. A
+quantized base (model.quantize, QLoRA) is fused dequantized: float weights.
 """
 import argparse
 from pathlib import Path
@@ -12,6 +13,7 @@ from voicetune.core.errors import run_stage
 from voicetune.core import blas  # before mlx: a fast BLAS on Linux
 from voicetune.core.files import atomic_dir, write_json_atomic
 from voicetune.models.fusion import FusionError, fuse, verify
+from voicetune.models.quantize import describe
 from voicetune.core.params import load_params
 from voicetune.evaluate.questions import read_test
 
@@ -37,10 +39,15 @@ def main() -> int:
     prompts = [prompt_tokens(tokenizer, row["messages"]) for row in rows]
     with atomic_dir(args.out) as out:
         print(f"fusing {args.adapters} into {args.base} ...")
-        fuse(Path(args.base), Path(args.adapters), out)
+        quantization = fuse(Path(args.base), Path(args.adapters), out)
+        if quantization:
+            print(f"the base is {describe(quantization)}: the fused model is dequantized "
+                  "(float weights, as base+adapters computes them)")
         print(f"verifying on {len(prompts)} test prompts ...")
         report = verify(Path(args.base), Path(args.adapters), out, prompts,
                         p["logit_tolerance"], p["verify_max_tokens"])
+        report["base_quantization"] = quantization
+        report["fused_weights"] = "dequantized" if quantization else "float"
         if not report["ok"]:  # the last good models/fused and metrics/fuse.json stay
             raise FusionError("fused model rejected:\n  " + "\n  ".join(report["problems"]))
     write_json_atomic(args.metrics, report)

@@ -317,3 +317,48 @@ def test_greedy_answers_unchanged(base_model_dir, request):
     with fp.enabled("on"):
         fast = generate_batched(model, tokenizer, prompts, max_tokens=16, batch_size=3)
     assert [a["prediction"] for a in fast] == [a["prediction"] for a in stock]
+
+
+# ------------------------------------------------------------------------------ quantized matmul
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [3, 64])  # below DEQUANTIZE_MIN_ROWS: MLX's own loop
+def test_quantized_layers_equal_mlx_and_their_input_gradient(bits, rows):
+    mx.random.seed(0)
+    linear = nn.QuantizedLinear.from_linear(nn.Linear(128, 96, bias=True), 64, bits)
+    embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 128), 64, bits)
+    x = mx.random.normal((2, rows, 128))
+    weights = mx.random.normal((2, rows, 96))
+    stock = [linear(x), embedding.as_linear(x), grad_of(linear, [x], 0, weights),
+             grad_of(embedding.as_linear, [x], 0, weights)]
+    with fp.enabled("on"):
+        assert nn.QuantizedLinear.__call__ is fp._quantized_linear_call
+        fast = [linear(x), embedding.as_linear(x), grad_of(linear, [x], 0, weights),
+                grad_of(embedding.as_linear, [x], 0, weights)]
+        compiled = mx.compile(lambda x: grad_of(linear, [x], 0, weights))(x)
+    for got, want in zip(fast + [compiled], stock + [stock[2]]):
+        close(got, want)
+    assert nn.QuantizedLinear.__call__ is not fp._quantized_linear_call  # restored
+
+
+def test_qlora_trains_the_adapters_on_the_dequantized_path():
+    """LoRA on a quantized layer, fast path on: the adapters get the gradients MLX's own path
+    gives them, the frozen quantized weights none."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    mx.random.seed(1)
+    base = nn.QuantizedLinear.from_linear(nn.Linear(128, 96), 64, 4)
+    layer = LoRALinear.from_base(base, r=4, scale=10.0)
+    layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    layer.freeze()
+    layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    x = mx.random.normal((64, 128))
+    loss = nn.value_and_grad(layer, lambda m, x: (m(x) ** 2).mean())
+    (stock_loss, stock_grads) = loss(layer, x)
+    with fp.enabled("on"):
+        fast_loss, fast_grads = loss(layer, x)
+    from mlx.utils import tree_flatten
+
+    assert {name for name, _ in tree_flatten(fast_grads)} == {"lora_a", "lora_b"}
+    close(fast_loss, stock_loss)
+    for name in ("lora_a", "lora_b"):
+        close(fast_grads[name], stock_grads[name])

@@ -609,3 +609,27 @@ def test_rewrite_only_run_without_figures_refused(project, fresh, hub):
     with pytest.raises(UserError, match=r"no lora_vs_base comparison \(.*rewrite\).*would have no "
                                         r"evaluation"):
         dry_run(project)
+
+
+@pytest.mark.parametrize("what", ["adapters", "fused", "gguf"])
+def test_card_names_a_quantized_base(project, fresh, hub, what):
+    """QLoRA: the card says the base was quantized and how; adapters are to be applied to the
+    base quantized the same way; the fused model and the GGUF file are dequantized."""
+    source = project / "models/base/source.json"
+    record = json.loads(source.read_text())
+    source.write_text(json.dumps({**record, "quantization": {"bits": 4, "group_size": 64,
+                                                             "by": "voicetune"}}))
+    card = ModelCard.load(dry_run(project, what) / "README.md")
+    assert "qlora" in card.data.tags
+    line = next(x for x in card.text.splitlines() if x.startswith("- quantization:"))
+    assert "4-bit (group size 64)" in line and "quantized by voicetune" in line
+    assert "QLoRA" in line
+    if what == "adapters":
+        assert "--q-bits 4 --q-group-size 64" in line and "dequantized" not in line
+    else:
+        assert "is dequantized" in line and "--q-bits" not in line
+
+
+def test_card_of_a_float_base_says_nothing_of_quantization(project, fresh, hub):
+    card = ModelCard.load(dry_run(project, "fused") / "README.md")
+    assert "qlora" not in card.data.tags and "- quantization:" not in card.text

@@ -34,6 +34,9 @@ ratios only; the scripts are in docs/mlx-x86-transcendentals.md):
 - ``cross_entropy`` for the loss: off; 512 x 49,152 logits 0.59x forward, 0.26x with backward.
 - ``dropout_mask`` for ``nn.Dropout``: off; bit-identical to ``mx.random.bernoulli`` but
   0.98x (drawing the bits is the cost, not the compare).
+- quantized layers (``quantized_matmul``, for a quantized base: QLoRA): on. The weight
+  dequantized and multiplied through BLAS instead of MLX's CPU quantized-matmul loop: 30x
+  faster for a training batch, the same product to 3e-6 (see its comment).
 - ``exp``, ``sigmoid``, ``silu``, ``softmax``: kernels for callers; mlx-lm's llama and phi3
   call them only through SwiGLU and SDPA.
 
@@ -46,7 +49,7 @@ import ctypes
 import importlib
 import math
 import platform
-from functools import partial
+from functools import lru_cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -439,6 +442,56 @@ def _dropout_call(self, x):
     return (mask * x) * (1 / self._p_1)
 
 
+# ------------------------------------------------------------------------------ quantized matmul
+# MLX's CPU ``quantized_matmul`` unpacks and multiplies in a plain loop: on x86 a training
+# batch's (1024 x 576) @ (576 x 1536) 4-bit product took 2.3 s against 77 ms for the float
+# product through BLAS (30x). Dequantizing the weight (one pass over it) and multiplying
+# through BLAS computes the same product (max difference 3e-6) in 73 ms; the float weight is
+# a temporary of one layer, made again in the backward (``custom_function``), so the memory
+# of a quantized base stays quantized. Below ~16 rows (decoding a few sequences) the plain
+# loop wins: dequantizing every weight for one token costs more than the loop.
+DEQUANTIZE_MIN_ROWS = 16
+
+
+@lru_cache(maxsize=None)
+def _dequantized_matmul(group_size: int, bits: int, mode: str):
+    def weight(w, scales, biases):
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        return x @ weight(w, scales, biases).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals  # the quantized weights are frozen: zero cotangents
+        return (cotangent @ weight(w, scales, biases), mx.zeros_like(w), mx.zeros_like(scales),
+                mx.zeros_like(biases))
+
+    return matmul
+
+
+def quantized_matmul(layer, x: mx.array) -> mx.array:
+    """``x @ W.T`` for a quantized layer's W (``nn.QuantizedLinear``, ``nn.QuantizedEmbedding``
+    as a linear): dequantized through BLAS for batches of DEQUANTIZE_MIN_ROWS rows or more."""
+    biases = layer.get("biases")
+    if biases is None or x.size // x.shape[-1] < DEQUANTIZE_MIN_ROWS:
+        return mx.quantized_matmul(x, layer["weight"], scales=layer["scales"], biases=biases,
+                                   transpose=True, group_size=layer.group_size, bits=layer.bits,
+                                   mode=layer.mode)
+    return _dequantized_matmul(layer.group_size, layer.bits, layer.mode)(
+        x, layer["weight"], layer["scales"], biases)
+
+
+def _quantized_linear_call(self, x):
+    x = quantized_matmul(self, x)
+    return x + self["bias"] if "bias" in self else x
+
+
+def _quantized_embedding_as_linear(self, x):
+    return quantized_matmul(self, x)
+
+
 # ------------------------------------------------------------------------------ switching
 def resolve(setting: str) -> bool:
     """params.yaml's ``kernels.fast_cpu``: on, off, or auto (an x86-64 CPU, MLX on its CPU)."""
@@ -460,6 +513,7 @@ ARCHITECTURES = ("llama", "phi3", "qwen2", "mistral")
 SWAP_SWIGLU = True
 SWAP_ATTENTION = False
 SWAP_DROPOUT = False
+SWAP_QUANTIZED_MATMUL = True
 TUNE_ALLOCATOR = True
 
 _saved: list[tuple[object, str, object]] = []  # (owner, attribute, original) to restore
@@ -527,6 +581,9 @@ def enable(setting: str = "auto") -> bool:
             _swap(module, "scaled_dot_product_attention", _sdpa)
     if SWAP_DROPOUT:
         _swap(nn.Dropout, "__call__", _dropout_call)
+    if SWAP_QUANTIZED_MATMUL:
+        _swap(nn.QuantizedLinear, "__call__", _quantized_linear_call)
+        _swap(nn.QuantizedEmbedding, "as_linear", _quantized_embedding_as_linear)
     return True
 
 

@@ -61,13 +61,27 @@ class GgufExportError(UserError, RuntimeError):
 
 # ------------------------------------------------------------------------------ reading
 def _fused_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Every weight in float32. A quantized folder (mlx-lm's format: packed ``uint32`` weights
+    with ``.scales`` and ``.biases``) is dequantized first: cast as they are, its packed
+    integers would be written as numbers (the U32 tensors llama.cpp's converter refuses)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise GgufExportError(f"{folder} has no *.safetensors weights; run `dvc repro fuse` first")
-    weights = {}
+    raw = {}
     for f in files:
-        for name, w in mx.load(str(f)).items():
-            weights[name] = np.array(w.astype(mx.float32))
+        raw.update(mx.load(str(f)))
+    quantization = json.loads((folder / "config.json").read_text()).get("quantization") or {}
+    weights = {}
+    for name, w in raw.items():
+        if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in raw:
+            continue
+        layer = name.removesuffix(".weight")
+        if f"{layer}.scales" in raw:
+            q = quantization.get(layer) if isinstance(quantization.get(layer), dict) else quantization
+            w = mx.dequantize(w, raw[f"{layer}.scales"], raw.get(f"{layer}.biases"),
+                              group_size=q["group_size"], bits=q["bits"],
+                              mode=q.get("mode", "affine"))
+        weights[name] = np.array(w.astype(mx.float32))
     return weights
 
 

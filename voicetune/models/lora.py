@@ -63,7 +63,13 @@ def apply_lora(model, rank: int, scale: float, dropout: float, keys: list[str],
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; total counts the base weights once."""
+    """(trainable, total) parameter counts; total counts the base weights once, a quantized
+    layer's as the weights it packs (not its packed integers, scales and biases)."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    for _, module in model.named_modules():
+        if hasattr(module, "bits") and "scales" in module:  # QuantizedLinear, QuantizedEmbedding
+            packed = module.weight.size + module.scales.size + \
+                (module.biases.size if module.get("biases") is not None else 0)
+            total += module.weight.size * 32 // module.bits - packed
     return trainable, total
