@@ -87,6 +87,7 @@ def main() -> int:
     estimate = memory.check_before_training(
         args.model, lora_p, train_p, trainable, shape["width"], shape["targets"],
         dtype_bytes=4 if mx.default_device() == mx.cpu else None,
+        dequantized=fast_cpu and kernels.SWAP_QUANTIZED_MATMUL,  # a quantized base's float copies
         out=None if lead else io.StringIO())  # every process refuses; rank 0 prints
 
     # weights, tokenizer and chat template by content, the kernels and this stage's code: a

@@ -137,6 +137,21 @@ def test_quantization_lowers_the_weights_by_the_expected_ratio(bits, dtype_bytes
         pytest.approx(quant["weights_gb"])
 
 
+def test_the_cpu_fast_paths_dequantized_copies_are_counted_for_a_quantized_base_only():
+    """On an x86 CPU the quantized layers multiply through BLAS, and MLX holds every layer's
+    dequantized weight until its product: a float copy of every quantized weight."""
+    base = 3_821_079_552
+    quant = memory_estimate(PHI3_MINI, LORA, TRAIN, 4, seq_len=512, quantize=4)
+    on_cpu = memory_estimate(PHI3_MINI, LORA, TRAIN, 4, seq_len=512, quantize=4, dequantized=True)
+    assert on_cpu["dequantized_gb"] == pytest.approx((base - NORMS) * 4 / 1e9)
+    assert on_cpu["total_gb"] - quant["total_gb"] == pytest.approx(on_cpu["dequantized_gb"])
+    plain = memory_estimate(PHI3_MINI, LORA, TRAIN, 4, seq_len=512, quantize=None, dequantized=True)
+    assert plain["dequantized_gb"] == 0.0  # a float base has no dequantized copies
+    rows = memory.plan(PHI3_MINI, LORA, TRAIN, 1e3, 4, seq_len=512, quantize=None, dequantized=True)
+    q4 = next(r for r in rows if r["quantize"] == 4 and not r["changes"].keys() - {"model.quantize"})
+    assert q4["total_gb"] == pytest.approx(on_cpu["total_gb"])  # the plan counts them too
+
+
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
 def test_quantized_weights_match_an_mlx_lm_quantized_model(bits, group_size):
     """The bytes of a model quantized by mlx-lm (float32 scales, as on a CPU), including a

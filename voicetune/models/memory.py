@@ -131,13 +131,17 @@ def weights_bytes(config: dict, dtype_bytes: int, quantize=AS_CONFIGURED,
     total = base_parameter_count(config)
     if not bits:
         return total * dtype_bytes
+    quantized = quantized_parameter_count(config, group)
+    return (total - quantized) * dtype_bytes + quantized * (bits / 8 + 2 * dtype_bytes / group)
+
+
+def quantized_parameter_count(config: dict, group: int) -> int:
+    """The weights mlx-lm quantizes at this group size: every linear's (d_out x d_in), the
+    embedding (vocab x hidden) and an untied lm_head whose last dimension splits into groups."""
     d, shapes = _dims(config), linear_shapes(config)
-    # (count, last dim) of each quantizable weight: a linear's (d_out x d_in), the embedding
-    # (vocab x hidden) and an untied lm_head (vocab x hidden)
     weights = [(d["layers"] * i * o, i) for i, o in shapes.values()]
     weights += [(d["vocab"] * d["hidden"], d["hidden"])] * (1 if d["tied"] else 2)
-    quantized = sum(n for n, last in weights if last % group == 0)
-    return (total - quantized) * dtype_bytes + quantized * (bits / 8 + 2 * dtype_bytes / group)
+    return sum(n for n, last in weights if last % group == 0)
 
 
 # Copies of the attention scores per token, head and key position (the scores and the
@@ -154,7 +158,8 @@ CHECKPOINT_BLOCKS = 2
 
 def memory_estimate(config: dict, lora: dict, train: dict, dtype_bytes: int,
                     seq_len: int | None = None, targets: int | None = None,
-                    quantize=AS_CONFIGURED, group_size: int | None = None) -> dict:
+                    quantize=AS_CONFIGURED, group_size: int | None = None,
+                    dequantized: bool = False) -> dict:
     """Peak training memory in GB (decimal), by part. ``lora`` and ``train`` are params.yaml's
     sections; ``seq_len`` is the longest training sample (default: train.max_seq_length);
     ``targets`` the most trained (answer) tokens in a batch (default: every token, a bound);
@@ -173,6 +178,11 @@ def memory_estimate(config: dict, lora: dict, train: dict, dtype_bytes: int,
       linear its dropped-out input (d_in) and x @ A (rank). With gradient checkpointing only
       each block's input (hidden) is kept, plus CHECKPOINT_BLOCKS blocks' worth during the
       backward (the block recomputed and its gradients' intermediates);
+    - dequantized weights (``dequantized``: a quantized base on an x86 CPU with
+      ``kernels.fast_cpu``, whose quantized layers multiply through BLAS): MLX computes every
+      layer's dequantized weight early and holds it until its product, so the float copies
+      are all alive at the peak: measured 3.17 GB for SmolLM2 at 8 bits against 2.95 GB in
+      float32 (docs/quantization.md). On a Mac (Metal's quantized kernels) there are none;
     - logits: the trained positions x vocab in float32 (the loss projects only those onto the
       vocabulary), LOGITS_COPIES times (the logits, their softmax and its gradient).
     Measured on SmolLM2-135M (docs/memory.md) it is within ~10% of MLX's peak; the
@@ -206,10 +216,13 @@ def memory_estimate(config: dict, lora: dict, train: dict, dtype_bytes: int,
         "activations_full_gb": full,
         "activations_checkpointed_gb": checkpointed,
         "logits_gb": LOGITS_COPIES * targets * d["vocab"] * 4 / GB,
+        "dequantized_gb": quantized_parameter_count(config, group) * dtype_bytes / GB
+        if dequantized and bits else 0.0,
     }
     est["activations_gb"] = checkpointed if est["grad_checkpoint"] else full
     est["total_gb"] = sum(est[k] for k in ("weights_gb", "adapters_gb", "gradients_gb",
-                                           "optimizer_gb", "activations_gb", "logits_gb"))
+                                           "optimizer_gb", "activations_gb", "logits_gb",
+                                           "dequantized_gb"))
     return est
 
 
@@ -278,7 +291,7 @@ def _options(train: dict, bits: int | None, seq: int, configured_bits) -> dict:
 
 def plan(config: dict, lora: dict, train: dict, usable_gb: float, dtype_bytes: int,
          seq_len: int | None = None, targets: int | None = None, quantize=AS_CONFIGURED,
-         group_size: int | None = None) -> list[dict]:
+         group_size: int | None = None, dequantized: bool = False) -> list[dict]:
     """Every combination of the settings that lower memory (gradient checkpointing, quantizing
     the base to 8 or 4 bits, halving train.batch_size, shortening train.max_seq_length below the
     longest sample) with its estimate, whether it fits in ``usable_gb``, the params changes it
@@ -301,7 +314,7 @@ def plan(config: dict, lora: dict, train: dict, usable_gb: float, dtype_bytes: i
                                           targets=None if targets is None else
                                           math.ceil(targets * share),
                                           quantize=q if not configured_bits else AS_CONFIGURED,
-                                          group_size=group)
+                                          group_size=group, dequantized=dequantized)
                     changes = {}
                     if ckpt != bool(train.get("grad_checkpoint")):
                         changes["train.grad_checkpoint"] = ckpt
@@ -371,7 +384,9 @@ def report(est: dict, usable_gb: float | None = None, source: str = "physical me
           f"({weights}, gradient checkpointing {'on' if est['grad_checkpoint'] else 'off'}):\n"
           f"  weights {est['weights_gb']:.2f} GB ({est['base_parameters']:,} parameters), "
           f"LoRA + gradients + Adam {lora_gb:.2f} GB, activations {est['activations_gb']:.2f} GB "
-          f"({other_gb:.2f} GB {other} checkpointing), logits {est['logits_gb']:.2f} GB\n"
+          f"({other_gb:.2f} GB {other} checkpointing), logits {est['logits_gb']:.2f} GB"
+          + (f", dequantized weights {est['dequantized_gb']:.2f} GB (the CPU fast path)"
+             if est.get("dequantized_gb") else "") + "\n"
           f"  total ~{est['total_gb']:.1f} GB of {usable_gb:.1f} GB ({source})", file=out)
     return est["total_gb"] <= usable_gb
 
@@ -395,7 +410,7 @@ def refusal(est: dict, rows: list[dict], usable_gb: float, source: str) -> str:
 def check_before_training(model_dir: str | Path, lora: dict, train: dict, trainable: int,
                           seq_len: int | None = None, targets: int | None = None,
                           dtype_bytes: int | None = None, usable: tuple[float, str] | None = None,
-                          out=None, err=None) -> dict | None:
+                          out=None, err=None, dequantized: bool = False) -> dict | None:
     """What stages/train.py runs after apply_lora, before any step: the estimate, a loud
     warning if the real trainable count differs from the formula (one of the two has a bug),
     and a MemoryPlanError (a UserError) naming the cheapest settings that fit when the run
@@ -409,7 +424,8 @@ def check_before_training(model_dir: str | Path, lora: dict, train: dict, traina
     try:
         expected = lora_parameter_count(config, lora["keys"], lora["rank"],
                                         lora.get("num_layers", -1))
-        est = memory_estimate(config, lora, train, dtype_bytes, seq_len, targets)
+        est = memory_estimate(config, lora, train, dtype_bytes, seq_len, targets,
+                              dequantized=dequantized)
     except EstimateError as e:
         print(f"(no estimate: {e})", file=out)
         return None
@@ -421,7 +437,8 @@ def check_before_training(model_dir: str | Path, lora: dict, train: dict, traina
         print(f"expected trainable parameters: {expected:,} (matches)", file=out)
     usable_gb, source = usable or memory_limit(train)
     if not report(est, usable_gb, source, out):
-        rows = plan(config, lora, train, usable_gb, dtype_bytes, seq_len, targets)
+        rows = plan(config, lora, train, usable_gb, dtype_bytes, seq_len, targets,
+                    dequantized=dequantized)
         raise MemoryPlanError(refusal(est, rows, usable_gb, source))
     return est
 
