@@ -288,3 +288,21 @@ def test_bench_shows_paths_without_the_machine(monkeypatch, tmp_path):
     result = portable_result({"framework": "torch", "model": "/tmp/tmp_k416lp4/phi3-bench", "threads": 2},
                              "phi3-random-512x8")
     assert result == {"framework": "torch", "model": "phi3-random-512x8", "threads": 2}
+
+
+def test_quantized_steps_times_every_configuration_on_one_batch(tiny_model_dir, tiny_data_dir, capsys):
+    from voicetune.bench import quantized_steps
+    from voicetune.core import kernels as fp
+
+    try:
+        quantized_steps.main(["--model", str(tiny_model_dir), "--data", str(tiny_data_dir),
+                              "--rounds", "1", "--stock"])
+    finally:
+        fp.SWAP_QUANTIZED_MATMUL = True
+        fp.disable()
+    out = capsys.readouterr().out
+    rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()
+            if line.endswith("x")}
+    assert list(rows) == ["float32", "8-bit", "4-bit", "8-bit, MLX's quantized matmul",
+                          "4-bit, MLX's quantized matmul"]
+    assert rows["float32"][1] == "1.00x" and all(float(r[0]) > 0 for r in rows.values())
