@@ -179,10 +179,11 @@ def memory_estimate(config: dict, lora: dict, train: dict, dtype_bytes: int,
       each block's input (hidden) is kept, plus CHECKPOINT_BLOCKS blocks' worth during the
       backward (the block recomputed and its gradients' intermediates);
     - dequantized weights (``dequantized``: a quantized base on an x86 CPU with
-      ``kernels.fast_cpu``, whose quantized layers multiply through BLAS): MLX computes every
-      layer's dequantized weight early and holds it until its product, so the float copies
-      are all alive at the peak: measured 3.17 GB for SmolLM2 at 8 bits against 2.95 GB in
-      float32 (docs/quantization.md). On a Mac (Metal's quantized kernels) there are none;
+      ``kernels.fast_cpu``, whose quantized layers multiply through BLAS): a float copy of
+      every quantized weight, as if all were alive at once (the dequantizations depend on the
+      weights alone, so MLX may compute them all before their products): SmolLM2 at 8 bits
+      peaked at 3.17 GB against 2.95 GB in float32 (docs/memory.md). On a Mac (Metal's
+      quantized kernels) there are none;
     - logits: the trained positions x vocab in float32 (the loss projects only those onto the
       vocabulary), LOGITS_COPIES times (the logits, their softmax and its gradient).
     Measured on SmolLM2-135M (docs/memory.md) it is within ~10% of MLX's peak; the
